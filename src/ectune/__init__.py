@@ -1,0 +1,3 @@
+"""ectune: Easy Consistency Tuning (ECT) for few-step consistency models."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,111 @@
+import pytest
+import torch
+from torch import nn
+
+from conftest import TinyNet
+from ectune.losses import consistency_loss
+from ectune.precond import Precond, edm_scalings
+
+
+class DiracOracle(nn.Module):
+    """The ideal network for data concentrated at one point a: f(x, t) = a for every t > 0."""
+
+    def __init__(self, a: torch.Tensor, sigma_data: float = 0.5, leak: float = 0.0) -> None:
+        super().__init__()
+        self.a, self.sd, self.leak = a, sigma_data, leak  # leak > 0: a non-ideal model whose output depends on x
+
+    def forward(self, x_in, c_noise, class_labels=None, *, dropout_key=None):
+        t = torch.exp(4 * c_noise.double()).reshape(-1, 1, 1, 1)
+        c_skip, c_out, c_in, _ = edm_scalings(t, sigma_data=self.sd)
+        x = x_in.double() / c_in
+        return ((self.a - c_skip * x) / c_out + self.leak * x_in).float()
+
+
+def batch(n=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.rand(n, 1, 8, 8, generator=g) * 2 - 1
+    eps = torch.randn(n, 1, 8, 8, generator=g)
+    t = torch.exp(torch.randn(n, generator=g) - 1.0)
+    return x0, eps, t
+
+
+@pytest.mark.parametrize("p, weighting", [(0.5, "inv_dt"), (0.0, "edm"), (0.5, "one")])
+def test_ideal_model_has_zero_loss(p, weighting):
+    a = torch.rand(1, 1, 8, 8) * 2 - 1
+    f = Precond(DiracOracle(a.double()))
+    x0 = a.expand(6, -1, -1, -1).clone()
+    _, eps, t = batch()
+    r = torch.tensor([0.0, 0.5, 0.9, 0.0, 0.99, 0.3]) * t
+    loss = consistency_loss(f, x0, t, r, eps, weighting=weighting, p=p, c=0.0)
+    assert loss.shape == (6,)
+    assert loss.abs().max().item() < 1e-4  # fp32 round-off of the oracle's inversion of the scalings
+    wrong = Precond(DiracOracle(a.double(), leak=0.1))
+    assert consistency_loss(wrong, x0, t, r, eps, weighting=weighting, p=p, c=0.0).min().item() > 1e-3
+
+
+def test_target_pass_has_no_grad_and_matches_manual_stop_gradient(tiny_net):
+    f = Precond(tiny_net)
+    x0, eps, t = batch()
+    r = 0.7 * t
+    key = torch.arange(6)
+    loss = consistency_loss(f, x0, t, r, eps, dropout_key=key, weighting="inv_dt", p=0.5, c=0.1)
+    assert tiny_net.calls == [(6, False), (6, True)]  # one no-grad target pass, then the student pass
+    loss.mean().backward()
+    g1 = [p.grad.clone() for p in tiny_net.parameters()]
+    tiny_net.zero_grad()
+    student = f(x0 + t.reshape(-1, 1, 1, 1) * eps, t, dropout_key=key)
+    target = f(x0 + r.reshape(-1, 1, 1, 1) * eps, r, dropout_key=key).detach()
+    d = (student - target).flatten(1)
+    manual = (1 / (t - r)) * (d.square().sum(1) + 0.01).rsqrt().detach() * d.square().sum(1)
+    assert torch.allclose(manual, loss.detach(), rtol=1e-5)
+    manual.mean().backward()
+    for a, b in zip(g1, tiny_net.parameters()):
+        assert torch.allclose(a, b.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_both_passes_share_the_dropout_mask_even_on_a_subset():
+    torch.manual_seed(0)
+    net = TinyNet(dropout=0.5).train()
+    f = Precond(net)
+    x0, eps, t = batch(8)
+    # r = t gives identical inputs; only a different dropout mask could make Δ non-zero.
+    r = t.clone()
+    r[[1, 4, 6]] = 0.0
+    loss = consistency_loss(f, x0, t, r, eps, p=0.0, weighting="one", dropout_key=torch.arange(8) * 7 + 3)
+    assert net.calls[0] == (5, False)  # target pass ran on the 5 rows with r > 0 only
+    keep = r > 0
+    assert loss[keep].abs().max().item() < 1e-10
+    assert (loss[~keep] > 0).all()
+    # and the masks really are random: different keys change the student output
+    a = f(x0, t, dropout_key=torch.arange(8))
+    b = f(x0, t, dropout_key=torch.arange(8) + 100)
+    assert not torch.allclose(a, b)
+
+
+def test_r_zero_rows_equal_the_diffusion_loss_and_skip_the_network(tiny_net):
+    f = Precond(tiny_net)
+    x0, eps, t = batch()
+    key = torch.arange(6)
+    r = torch.zeros(6)
+    diff = consistency_loss(f, x0, t, r, eps, dropout_key=key, weighting="edm", p=0.0)
+    assert tiny_net.calls == [(6, True)]  # no target pass at all
+    with torch.no_grad():
+        D = f(x0 + t.reshape(-1, 1, 1, 1) * eps, t, dropout_key=key)
+    edm = (t**2 + 0.25) / (t * 0.5) ** 2 * (D - x0).flatten(1).square().sum(1)
+    assert torch.allclose(diff.detach(), edm, rtol=1e-5)
+    mixed_r = torch.tensor([0.0, 0.3, 0.0, 0.5, 0.0, 0.1]) * t
+    mixed = consistency_loss(f, x0, t, mixed_r, eps, dropout_key=key, weighting="edm", p=0.0)
+    zero = mixed_r == 0
+    assert torch.allclose(mixed.detach()[zero], diff.detach()[zero], rtol=1e-6)
+
+
+def test_row_multiple_pads_with_discarded_rows(tiny_net):
+    f = Precond(tiny_net)
+    x0, eps, t = batch(8)
+    r = torch.zeros(8)
+    r[[2, 5, 7]] = 0.5 * t[[2, 5, 7]]
+    key = torch.arange(8)
+    plain = consistency_loss(f, x0, t, r, eps, dropout_key=key)
+    padded = consistency_loss(f, x0, t, r, eps, dropout_key=key, row_multiple=4)
+    assert tiny_net.calls[0] == (3, False) and tiny_net.calls[2] == (4, False)
+    assert torch.allclose(plain, padded, rtol=1e-6)

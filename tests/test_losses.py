@@ -40,7 +40,7 @@ def test_ideal_model_has_zero_loss(p, weighting):
     assert loss.shape == (6,)
     assert loss.abs().max().item() < 1e-4  # fp32 round-off of the oracle's inversion of the scalings
     wrong = Precond(DiracOracle(a.double(), leak=0.1))
-    assert consistency_loss(wrong, x0, t, r, eps, weighting=weighting, p=p, c=0.0).min().item() > 1e-3
+    assert consistency_loss(wrong, x0, t, r, eps, weighting=weighting, p=p, c=0.0).max().item() > 1e-2
 
 
 def test_target_pass_has_no_grad_and_matches_manual_stop_gradient(tiny_net):

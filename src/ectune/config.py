@@ -137,7 +137,7 @@ class TrainConfig:
     batch: int = 128  # global batch (all ranks, all accumulation rounds)
     accum: int = 1  # gradient accumulation rounds per optimiser step
     seed: int = 0
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto = bf16 on CUDA, fp32 on CPU
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 on CUDA, fp32 on CPU
     tf32: bool = True
     compile: bool = False
     device: str = "auto"

@@ -38,13 +38,17 @@ def consistency_loss(
     metric: str = "l2",
     sigma_data: float = 0.5,
     row_multiple: int = 1,
+    target_f: Denoiser | None = None,
 ) -> Tensor:
     """The per-sample loss [N] for data x0 [N,C,H,W], times t, r [N] (0 ≤ r < t) and noise eps like x0.
 
     t and r may live on the CPU while x0 lives on a GPU: the rows that need a target pass are then found on the
     host, so the step never waits for the device. `row_multiple` rounds the number of target rows up (padding
     with r = 0 rows whose outputs are discarded) so a compiled network sees few distinct batch sizes.
+    `target_f` runs the target pass when the student's f is a wrapper that must not see it (e.g. DDP); it must
+    compute the same function with the same weights.
     """
+    target_f = f if target_f is None else target_f
     device = x0.device
     n = x0.shape[0]
     if dropout_key is None:
@@ -58,10 +62,10 @@ def consistency_loss(
     if rows is not None:
         with torch.no_grad():
             if rows.numel() == n:
-                target = f(x0 + r_dev.reshape(bcast) * eps, r_dev, class_labels, dropout_key=dropout_key)
+                target = target_f(x0 + r_dev.reshape(bcast) * eps, r_dev, class_labels, dropout_key=dropout_key)
             else:
                 rows = rows.to(device)
-                sub = f(
+                sub = target_f(
                     x0[rows] + r_dev[rows].reshape(bcast) * eps[rows],
                     r_dev[rows],
                     None if class_labels is None else class_labels[rows],

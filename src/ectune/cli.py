@@ -1,0 +1,177 @@
+"""The `ectune` command line. Training commands take a preset plus any config field as a flag
+(`--train.batch 64`, `--objective.q 4`, ...; generated from ectune.config by tyro)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from . import __version__
+from .config import RunConfig, to_dict
+
+TRAIN_COMMANDS = ("pretrain", "tune")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__.strip() + "\n\ncommands: " + ", ".join(COMMANDS) + "\nrun `ectune COMMAND --help` for its options")
+        return 0
+    if argv[0] == "--version":
+        print(f"ectune {__version__}")
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"ectune: unknown command {command!r}; expected one of {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    try:
+        return COMMANDS[command](command, rest) or 0
+    except KeyboardInterrupt:
+        print("ectune: interrupted; rerun the same command to resume from the last save", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, RuntimeError) as exc:  # our errors carry one clear sentence
+        print(f"ectune {command}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _train_parser(command: str) -> argparse.ArgumentParser:
+    from .presets import preset_names
+
+    p = argparse.ArgumentParser(prog=f"ectune {command}", add_help=False,
+                                description=f"{command} a model; any config field can follow as --section.field VALUE")
+    p.add_argument("--preset", default="fashion-mnist", help=f"one of: {', '.join(preset_names())}")
+    p.add_argument("--run", type=Path, help="run directory (rerun the same command to resume)")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config as JSON and exit")
+    p.add_argument("--until-kimg", type=float, default=None, help="stop (after saving) at this many kimg; rerun to continue")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    if command == "tune":
+        p.add_argument("--init", type=Path, help="pretrained ectune model or run directory to tune from")
+        p.add_argument("--objective", choices=("ect", "ict"), default="ect", help="ECT (default) or the iCT baseline")
+    p.add_argument("-h", "--help", action="store_true")
+    return p
+
+
+def resolve_train_config(command: str, rest: Sequence[str]) -> tuple[argparse.Namespace, RunConfig]:
+    import tyro
+
+    from .presets import get_preset
+    from .training.rundir import adopt_init_architecture
+
+    parser = _train_parser(command)
+    args, overrides = parser.parse_known_args(rest)
+    if args.help:
+        parser.print_help()
+        print("\nconfig fields (defaults from the preset):")
+        overrides = ["--help"]
+    base = get_preset(args.preset, command, objective=getattr(args, "objective", "ect"))
+    init = getattr(args, "init", None)
+    if init is not None:
+        base = adopt_init_architecture(base, init)
+    cfg = tyro.cli(RunConfig, default=base, args=list(overrides), prog=f"ectune {command}")
+    return args, cfg
+
+
+def cmd_train(command: str, rest: Sequence[str]) -> int:
+    args, cfg = resolve_train_config(command, rest)
+    if args.dry_run:
+        print(json.dumps(describe(cfg, command=command, init=getattr(args, "init", None)), indent=2))
+        return 0
+    if args.run is None:
+        raise ValueError(f"ectune {command} needs --run DIR (the run directory)")
+    from .training.loop import train
+
+    result = train(cfg, args.run, init=getattr(args, "init", None), command=command, until_kimg=args.until_kimg,
+                   show_progress=not args.quiet)
+    print(f"{command} done: {result.nimg / 1000:.1f} kimg, final loss {result.final_loss:.4g}, "
+          f"skipped steps {result.skipped_steps}; model {result.run_dir / 'model.safetensors'}")
+    return 0
+
+
+def describe(cfg: RunConfig, **extra: object) -> dict:
+    from .nets import build_net, count_params
+
+    with torch.device("meta"):
+        params = count_params(build_net(cfg.net))
+    return {**{k: (str(v) if isinstance(v, Path) else v) for k, v in extra.items()}, "params": params,
+            "params_millions": round(params / 1e6, 1), "config": to_dict(cfg)}
+
+
+def cmd_sample(command: str, rest: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(prog="ectune sample", description="generate images from a model or run directory")
+    p.add_argument("model", type=Path)
+    p.add_argument("--steps", type=int, default=1, help="consistency steps (1, 2, ...)")
+    p.add_argument("--mid-t", type=float, nargs="+", default=None, help="intermediate times (default: the model's)")
+    p.add_argument("--method", choices=("consistency", "heun"), default="consistency")
+    p.add_argument("--n", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0, help="first seed; sample i uses seed+i")
+    p.add_argument("--class", dest="class_label", type=int, default=None, help="class id for conditional models")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", type=Path, required=True, help="grid.png, images.npz, or a directory for PNGs")
+    a = p.parse_args(rest)
+    from .imageio import save_images
+    from .model import load_model, sample_images
+    from .sampling import to_uint8
+    from .training.loop import resolve_device
+
+    device = resolve_device(a.device)
+    model, cfg, extra = load_model(a.model, device=device)
+    seeds = torch.arange(a.seed, a.seed + a.n)
+    labels = None
+    if a.class_label is not None:
+        if not 0 <= a.class_label < max(cfg.net.label_dim, 1) or cfg.net.label_dim == 0:
+            raise ValueError(f"--class {a.class_label}: the model has {cfg.net.label_dim} classes")
+        labels = torch.full((a.n,), a.class_label)
+    mid_t = a.mid_t if a.mid_t is not None else extra.get("mid_t")
+    images = sample_images(model, cfg, seeds, steps=a.steps, mid_t=mid_t, method=a.method, class_labels=labels,
+                           batch=a.batch, device=device)
+    out = save_images(to_uint8(images), a.out)
+    print(f"wrote {a.n} samples ({a.method}, {a.steps if a.method == 'consistency' else cfg.sample.heun_steps} steps) to {out}")
+    return 0
+
+
+def cmd_info(command: str, rest: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(prog="ectune info", description="config, images seen, parameters and files of a run or model")
+    p.add_argument("path", type=Path)
+    a = p.parse_args(rest)
+    from .runtime.checkpoint import read_model_meta
+
+    cfg, extra = read_model_meta(a.path)
+    info = describe(cfg, path=a.path, nimg=extra.get("nimg"), objective=extra.get("objective"), ema=extra.get("ema"))
+    if a.path.is_dir():
+        info["files"] = sorted(str(f.relative_to(a.path)) for f in a.path.rglob("*") if f.is_file())
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def cmd_convert_images(command: str, rest: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(prog="ectune convert-images",
+                                description="convert a folder of images (class subfolders optional) to EDM's dataset layout")
+    p.add_argument("src", type=Path)
+    p.add_argument("dest", type=Path, help="DEST.zip or a directory")
+    p.add_argument("--resolution", type=int, default=None, help="centre-crop and resize to this size")
+    p.add_argument("--channels", type=int, choices=(1, 3), default=None)
+    a = p.parse_args(rest)
+    from .data import convert_images
+
+    n = convert_images(a.src, a.dest, resolution=a.resolution, channels=a.channels)
+    print(f"wrote {n} images to {a.dest}")
+    return 0
+
+
+COMMANDS = {
+    "pretrain": cmd_train,
+    "tune": cmd_train,
+    "sample": cmd_sample,
+    "info": cmd_info,
+    "convert-images": cmd_convert_images,
+}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

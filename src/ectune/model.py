@@ -1,0 +1,79 @@
+"""Build, load and sample ectune models (a network inside the EDM preconditioner)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from .config import RunConfig
+from .nets import build_net
+from .precond import Precond
+from .runtime.checkpoint import CheckpointError, load_model_weights, read_model_meta
+from .sampling import generate
+
+
+def build_model(cfg: RunConfig, *, compute_dtype: torch.dtype = torch.float32) -> Precond:
+    """f_θ for a config: its network wrapped in the preconditioner."""
+    return Precond(
+        build_net(cfg.net),
+        sigma_data=cfg.precond.sigma_data,
+        sigma_min_shift=cfg.precond.sigma_min_shift,
+        label_dim=cfg.net.label_dim,
+        compute_dtype=compute_dtype,
+    )
+
+
+def load_model(path: Path | str, *, device: torch.device | str = "cpu") -> tuple[Precond, RunConfig, dict[str, Any]]:
+    """An exported model (file or run directory) in eval mode, with its config and extra metadata."""
+    cfg, extra = read_model_meta(path)
+    model = build_model(cfg)
+    weights = load_model_weights(path)
+    try:
+        model.net.load_state_dict(weights, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: weights do not match the network its config describes: {exc}") from exc
+    return model.to(device).eval(), cfg, extra
+
+
+def sample_times(cfg: RunConfig, steps: int, mid_t: Sequence[float] | None = None) -> tuple[float, ...]:
+    """Sampling times (t_max, intermediate times...) for `steps` consistency steps."""
+    mids = tuple(cfg.sample.mid_t if mid_t is None else mid_t)
+    if steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {steps}")
+    if len(mids) < steps - 1:
+        raise ValueError(f"{steps} steps need {steps - 1} intermediate time(s) (--mid-t), got {len(mids)}: {list(mids)}")
+    return (cfg.sample.t_max,) + mids[: steps - 1]
+
+
+@torch.no_grad()
+def sample_images(
+    model: Precond,
+    cfg: RunConfig,
+    seeds: Tensor,
+    *,
+    steps: int = 1,
+    mid_t: Sequence[float] | None = None,
+    method: str = "consistency",
+    class_labels: Tensor | None = None,
+    batch: int = 256,
+    device: torch.device | str = "cpu",
+) -> Tensor:
+    """Float images in [-1, 1] for per-sample seeds, in batches (results do not depend on `batch`)."""
+    shape = (cfg.net.img_channels, cfg.net.img_resolution, cfg.net.img_resolution)
+    if cfg.net.label_dim and class_labels is None:
+        # Class of sample i follows from its seed, so it is batch-independent too.
+        class_labels = seeds % cfg.net.label_dim
+    ts = sample_times(cfg, steps, mid_t) if method == "consistency" else (cfg.sample.t_max,)
+    out = []
+    for i in range(0, len(seeds), batch):
+        labels = None if class_labels is None else class_labels[i : i + batch].to(device)
+        out.append(
+            generate(
+                model, seeds[i : i + batch], shape, method=method, ts=ts, heun_steps=cfg.sample.heun_steps,
+                sigma_min=cfg.sample.sigma_min, class_labels=labels, device=device,
+            ).cpu()
+        )
+    return torch.cat(out)

@@ -1,0 +1,140 @@
+"""Checkpoints are data, not code.
+
+- Model exports: safetensors files whose metadata holds the full config (JSON) and the sampler defaults;
+  loaded strictly into a network built from that config.
+- Training state: a torch file of tensors and plain values, always read with `torch.load(weights_only=True)`.
+- Every file is written atomically (temporary file in the same folder, fsync, rename), so a crash or a full
+  disk leaves the previous file intact.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, IO
+
+import torch
+from safetensors.torch import load_file, safe_open, save
+
+from ..config import RunConfig, from_dict, to_dict
+
+FORMAT = "ectune-model-v1"
+
+
+class CheckpointError(ValueError):
+    """A model or state file that cannot be used: names the file and what was expected."""
+
+
+def atomic_write(path: Path | str, write: Callable[[IO[bytes]], None]) -> None:
+    """Write a file through `write(fileobj)` so that readers see either the old or the complete new file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            raise OSError(errno.ENOSPC, f"disk full while writing {path}; the previous file (if any) is unchanged") from exc
+        raise
+
+
+def atomic_write_text(path: Path | str, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def _check_safetensors_header(path: Path) -> None:
+    """Refuse anything that is not a safetensors file before any parser touches it (pickles included)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(9)
+    header_len = int.from_bytes(head[:8], "little") if len(head) >= 8 else -1
+    if len(head) == 9 and 0 < header_len <= size - 8 and head[8:9] == b"{":
+        return
+    if head[:1] == b"\x80" or head[:4] == b"PK\x03\x04":
+        raise CheckpointError(
+            f"{path} is a pickle/zip checkpoint, not an ectune model: ectune never unpickles user files "
+            "(for public EDM/EDM2 pickles use `ectune import-edm`)"
+        )
+    raise CheckpointError(f"{path} is not a safetensors file (bad header; truncated or another format)")
+
+
+def save_model(path: Path | str, state_dict: dict[str, torch.Tensor], cfg: RunConfig, *, extra: dict[str, Any] | None = None) -> None:
+    """Export network weights as safetensors with the config and sampler defaults in the metadata."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    meta = {
+        "format": FORMAT,
+        "config": json.dumps(to_dict(cfg)),
+        "sampler": json.dumps(to_dict(cfg.sample)),
+        "extra": json.dumps(extra or {}),
+    }
+    data = save(tensors, metadata=meta)
+    atomic_write(path, lambda f: f.write(data))
+
+
+def read_model_meta(path: Path | str) -> tuple[RunConfig, dict[str, Any]]:
+    """Config and extra metadata of an exported model, without loading the weights."""
+    path = _model_file(path)
+    _check_safetensors_header(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as exc:  # safetensors raises its own error type (name varies by version)
+        raise CheckpointError(f"{path} is not a readable safetensors file ({exc}); it may be truncated") from exc
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is a safetensors file but not an ectune model (metadata 'format' != {FORMAT!r})")
+    try:
+        cfg = from_dict(RunConfig, json.loads(meta["config"]), where=f"{path} config")
+        extra = json.loads(meta.get("extra", "{}"))
+    except (KeyError, json.JSONDecodeError, TypeError) as exc:
+        raise CheckpointError(f"{path}: corrupt ectune metadata ({exc})") from exc
+    return cfg, extra
+
+
+def load_model_weights(path: Path | str) -> dict[str, torch.Tensor]:
+    path = _model_file(path)
+    read_model_meta(path)
+    try:
+        return load_file(str(path))
+    except Exception as exc:
+        raise CheckpointError(f"{path}: cannot read the weights ({exc}); the file may be truncated") from exc
+
+
+def _model_file(path: Path | str) -> Path:
+    """A model file, or the model.safetensors inside a run directory."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.safetensors"
+    if not path.is_file():
+        raise CheckpointError(f"no ectune model at {path} (expected a .safetensors file or a run directory holding model.safetensors)")
+    return path
+
+
+def save_state(path: Path | str, state: dict[str, Any]) -> None:
+    """Training state (tensors, numbers, strings, nested dicts/lists), atomically."""
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+def load_state(path: Path | str) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            return torch.load(f, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # truncated zip, foreign pickle rejected by weights_only, ...
+        raise CheckpointError(
+            f"{path} is not a readable ectune training state ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+            "delete it to restart from the last model export, or restore it"
+        ) from exc
+
+
+def config_json(cfg: RunConfig) -> str:
+    return json.dumps(to_dict(cfg), indent=2)

@@ -1,0 +1,372 @@
+"""The training loop shared by diffusion pretraining, ECT tuning and the iCT baseline.
+
+The objectives differ only in how (t, r) are drawn (see ectune.losses). Progress is counted in images;
+every random draw of a step is a function of (seed, images seen), so a resumed run is bit-identical to an
+uninterrupted one and the result does not depend on the number of processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import resource
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..config import RunConfig
+from ..data import ImageDataset, global_indices, load_batch, open_dataset, to_model_input, xflip_mask
+from ..ema import EMA
+from ..losses import consistency_loss, draw_t_r, objective_loss_kwargs, stage_nimg
+from ..model import build_model, sample_images
+from ..nets import count_params
+from ..precond import Precond
+from ..runtime import distributed as rt_dist
+from ..runtime.checkpoint import load_state, save_model, save_state
+from ..sampling import to_uint8
+from ..schedules import ect_stage, learning_rate
+from .report import Reporter
+from .rundir import RunDir
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (for example, too many consecutive non-finite steps)."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    nimg: int
+    final_loss: float
+    skipped_steps: int
+    seconds: float
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The inner network's dtype: bf16 on CUDA by default, fp32 on the CPU (where bf16 is slow)."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return torch.float32
+
+
+def step_generator(seed: int, nimg: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The generator of every random draw of the step that starts at `nimg` images."""
+    g = torch.Generator(device=device)
+    g.manual_seed((seed * 0x9E3779B1 + nimg * 0x85EBCA77 + 0x27D4EB2F) % (2**63 - 1))
+    return g
+
+
+def make_optimizer(cfg: RunConfig, params: list[nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
+    o = cfg.optim
+    if o.name == "radam":
+        return torch.optim.RAdam(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay, foreach=True)
+    if o.name == "adam":
+        return torch.optim.Adam(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
+                                fused=device.type == "cuda")
+    raise ValueError(f"unknown optimiser {o.name!r}; expected 'radam' or 'adam'")
+
+
+def train(
+    cfg: RunConfig,
+    run_dir: Path | str,
+    *,
+    init: Path | str | None = None,
+    command: str = "train",
+    until_kimg: float | None = None,
+    show_progress: bool = True,
+) -> TrainResult:
+    """Train (or resume) the run in `run_dir` to cfg.train.total_kimg (or `until_kimg`, whichever is first)."""
+    device = resolve_device(cfg.train.device)
+    dist = rt_dist.init_distributed(device.type)
+    if dist.world_size > 1 and device.type == "cuda":
+        device = torch.device(f"cuda:{dist.local_rank}")
+        torch.cuda.set_device(device)
+    _set_backend_flags(cfg, device)
+    run = RunDir(Path(run_dir))
+    cfg = run.prepare(cfg, init=init, command=command, is_main=dist.is_main)
+    rt_dist.barrier()
+
+    data = open_dataset(cfg.data)
+    check_data_matches(cfg, data)
+    model = build_model(cfg, compute_dtype=compute_dtype(cfg.train.precision, device)).to(device)
+    net = model.net  # the raw module: saved, averaged, normalised
+    opt = make_optimizer(cfg, list(net.parameters()), device)
+    ema = EMA(net, cfg.ema)
+    nimg, skipped = restore(run, cfg, net, opt, ema, init, device)
+    train_model, target_model = _wrap_for_training(model, cfg, dist, device)
+
+    total_nimg = int(cfg.train.total_kimg * 1000)
+    stop_nimg = total_nimg if until_kimg is None else min(total_nimg, int(until_kimg * 1000))
+    reporter = Reporter(run.root, total_kimg=stop_nimg / 1000, start_kimg=nimg / 1000, enabled=dist.is_main,
+                        progress=show_progress)
+    reporter.log(f"{command}: {count_params(net) / 1e6:.2f}M parameters, {len(data)} images ({data.description}), "
+                 f"device {device}, {dist.world_size} process(es), starting at {nimg / 1000:.1f} kimg")
+    ema_model = build_model(cfg).to(device).eval()
+    loss_kwargs = objective_loss_kwargs(cfg.objective, data_dim=_data_dim(cfg), sigma_data=cfg.precond.sigma_data)
+    meter = StatsMeter(device)
+    t0 = time.time()
+    next_status, next_save, next_sample = (_next(nimg, k) for k in (cfg.train.status_kimg, cfg.train.save_kimg, cfg.train.sample_kimg))
+    bad_in_a_row = 0
+    last_loss = math.nan
+
+    model.train()
+    while nimg < stop_nimg:
+        lr = set_learning_rate(opt, cfg, nimg)
+        loss_sum, r_over_t, finite = training_step(train_model, target_model, opt, data, cfg, nimg, dist, device, loss_kwargs)
+        if finite:
+            bad_in_a_row = 0
+            net.normalize_weights_()  # EDM2's forced weight normalisation (no-op for DDPM++)
+        else:
+            bad_in_a_row += 1
+            skipped += 1
+            if bad_in_a_row >= cfg.train.max_bad_steps:
+                raise TrainingError(
+                    f"{bad_in_a_row} consecutive steps had non-finite losses or gradients at {nimg / 1000:.1f} kimg; "
+                    f"stopping. The last good state is {run.state}; lower --optim.lr or check the data."
+                )
+        nimg += cfg.train.batch
+        ema.update(net, nimg=nimg, batch=cfg.train.batch)
+        meter.add(loss_sum, cfg.train.batch, r_over_t)
+        reporter.advance(min(nimg, stop_nimg) / 1000)
+
+        done = nimg >= stop_nimg
+        if nimg >= next_status or done:
+            stats = meter.summary(dist)
+            last_loss = stats["loss"]
+            elapsed = time.time() - t0
+            stage = _stage(cfg, nimg - cfg.train.batch, total_nimg)
+            reporter.status(dict(
+                kimg=nimg / 1000, loss=stats["loss"], stage=stage, mean_r_over_t=stats["r_over_t"], lr=lr,
+                sec_per_kimg=elapsed / max(stats["count"] / 1000, 1e-9) / dist.world_size,
+                img_per_s=stats["count"] * dist.world_size / max(elapsed, 1e-9), mem_gb=_memory_gb(device),
+                skipped_steps=skipped,
+            ))
+            t0 = time.time()
+            next_status = _next(nimg, cfg.train.status_kimg)
+        if nimg >= next_save or done:
+            save_checkpoint(run, cfg, net, opt, ema, nimg, skipped, is_main=dist.is_main)
+            next_save = _next(nimg, cfg.train.save_kimg)
+        if cfg.train.sample_kimg > 0 and (nimg >= next_sample or done):
+            save_sample_grids(run, cfg, ema_model, ema, nimg, device, is_main=dist.is_main)
+            next_sample = _next(nimg, cfg.train.sample_kimg)
+
+    reporter.close()
+    rt_dist.barrier()
+    return TrainResult(run.root, nimg, last_loss, skipped, time.time() - t0)
+
+
+def training_step(
+    train_model: nn.Module,
+    target_model: Precond,
+    opt: torch.optim.Optimizer,
+    data: ImageDataset,
+    cfg: RunConfig,
+    nimg: int,
+    dist: rt_dist.Dist,
+    device: torch.device,
+    loss_kwargs: dict[str, Any],
+) -> tuple[Tensor, float, bool]:
+    """One optimiser step on the global batch that starts at `nimg`; returns (loss sum on this rank, mean r/t, finite)."""
+    B, accum, world = cfg.train.batch, cfg.train.accum, dist.world_size
+    per_round = B // (accum * world)
+    total_nimg = cfg.train.total_kimg * 1000
+    g = step_generator(cfg.train.seed, nimg)
+    t, r = draw_t_r(cfg.objective, n=B, nimg=nimg, total_nimg=total_nimg, generator=g)  # host: no device sync
+    keys = torch.randint(0, 2**31 - 1, (B,), generator=g)
+    indices = global_indices(len(data), seed=cfg.train.seed, start=nimg, count=B)
+    flips = xflip_mask(torch.arange(nimg, nimg + B), seed=cfg.train.seed)
+    eps = torch.randn((B, *_img_shape(cfg)), generator=step_generator(cfg.train.seed, nimg, device), device=device)
+
+    loss_sum = torch.zeros((), device=device)
+    opt.zero_grad(set_to_none=True)
+    for rnd in range(accum):
+        rows = slice((rnd * world + dist.rank) * per_round, (rnd * world + dist.rank + 1) * per_round)
+        images, labels = load_batch(data, indices[rows])
+        x0 = to_model_input(images, device=device, xflip=cfg.data.xflip, flip_mask=flips[rows])
+        sync = contextlib.nullcontext() if rnd == accum - 1 or world == 1 else train_model.no_sync()
+        with sync:
+            loss = consistency_loss(
+                train_model, x0, t[rows], r[rows], eps[rows],
+                class_labels=None if labels is None else labels.to(device), dropout_key=keys[rows],
+                target_f=target_model, row_multiple=8 if cfg.train.compile else 1, **loss_kwargs,
+            )
+            (loss.sum() / (per_round * accum)).backward()
+        loss_sum += loss.detach().sum()
+
+    grads = [p.grad for p in target_model.net.parameters() if p.grad is not None]
+    grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros((), device=device)
+    finite = bool(torch.isfinite(grad_norm).item() and torch.isfinite(loss_sum).item())  # the step's one sync
+    if finite:
+        if cfg.optim.grad_clip > 0:
+            torch._foreach_mul_(grads, torch.clamp(cfg.optim.grad_clip / (grad_norm + 1e-6), max=1.0))
+        opt.step()
+    else:
+        loss_sum = torch.zeros((), device=device)
+    return loss_sum, float((r / t).mean()), finite
+
+
+def set_learning_rate(opt: torch.optim.Optimizer, cfg: RunConfig, nimg: int) -> float:
+    o = cfg.optim
+    lr = learning_rate(nimg, lr=o.lr, schedule=o.schedule, t_ref_nimg=o.t_ref_kimg * 1000, warmup_nimg=o.warmup_kimg * 1000)
+    for group in opt.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def restore(run: RunDir, cfg: RunConfig, net: nn.Module, opt: torch.optim.Optimizer, ema: EMA,
+            init: Path | str | None, device: torch.device) -> tuple[int, int]:
+    """Resume from the run's training state, or start from `init` weights, or from scratch. Returns (nimg, skipped)."""
+    if run.state.exists():
+        state = load_state(run.state)
+        net.load_state_dict(state["net"], strict=True)
+        opt.load_state_dict(state["opt"])
+        ema.load_state(state["ema"])
+        return int(state["nimg"]), int(state["skipped"])
+    if init is not None:
+        from ..model import load_model  # local: only needed when tuning
+
+        init_model, _, _ = load_model(init)
+        net.load_state_dict(init_model.net.state_dict(), strict=True)
+        for avg in ema.averages:  # the averages start from the pretrained weights, not a random net
+            torch._foreach_copy_(avg, [v.float() for k, v in net.state_dict().items() if k in ema.names])
+    return 0, 0
+
+
+def save_checkpoint(run: RunDir, cfg: RunConfig, net: nn.Module, opt: torch.optim.Optimizer, ema: EMA,
+                    nimg: int, skipped: int, *, is_main: bool) -> None:
+    if not is_main:
+        return
+    save_state(run.state, {"net": net.state_dict(), "opt": opt.state_dict(), "ema": ema.to_state(),
+                           "nimg": nimg, "skipped": skipped})
+    extra = {"nimg": nimg, "objective": cfg.objective.kind}
+    for i, label in enumerate(ema.labels):
+        path = run.model if i == 0 else run.root / f"model-{label}.safetensors"
+        save_model(path, ema.state_dict(i), cfg, extra={**extra, "ema": label})
+
+
+@torch.no_grad()
+def save_sample_grids(run: RunDir, cfg: RunConfig, ema_model: Precond, ema: EMA, nimg: int,
+                      device: torch.device, *, is_main: bool) -> None:
+    """Fixed-seed sample grids from the EMA weights: Heun for diffusion models, 1 and 2 steps otherwise."""
+    if not is_main:
+        return
+    ema_model.net.load_state_dict(ema.state_dict(0))
+    seeds = torch.arange(64)
+    kimg = f"{nimg // 1000:06d}"
+    if cfg.objective.kind == "diffusion":
+        runs = {"heun": dict(method="heun")}
+    else:
+        runs = {"1step": dict(steps=1), "2step": dict(steps=2)}
+    from ..imageio import save_images
+
+    for name, kwargs in runs.items():
+        images = to_uint8(sample_images(ema_model, cfg, seeds, device=device, batch=64, **kwargs))
+        save_images(images, run.samples / f"{name}-{kimg}.png")
+        save_images(images, run.root / f"samples-{name}.png")
+
+
+class StatsMeter:
+    """Accumulates loss on the device (no sync) between status lines."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.count = 0
+        self.r_over_t: list[float] = []
+
+    def add(self, loss_sum: Tensor, count: int, r_over_t: float) -> None:
+        self.loss += loss_sum.double()
+        self.count += count
+        self.r_over_t.append(r_over_t)
+
+    def summary(self, dist: rt_dist.Dist) -> dict[str, float]:
+        total = rt_dist.all_reduce_sum_(self.loss.clone())  # every rank's loss sum; count is the global batch
+        out = {"loss": float(total) / max(self.count, 1), "count": self.count / dist.world_size,
+               "r_over_t": sum(self.r_over_t) / max(len(self.r_over_t), 1)}
+        self.reset()
+        return out
+
+
+def check_data_matches(cfg: RunConfig, data: ImageDataset) -> None:
+    """The network's image shape and label count must match the data (one clear error otherwise)."""
+    net = cfg.net
+    if data.channels != net.img_channels or data.resolution != net.img_resolution:
+        raise ValueError(
+            f"data {data.description} has {data.channels}×{data.resolution}×{data.resolution} images but the network "
+            f"expects {net.img_channels}×{net.img_resolution}×{net.img_resolution} (set --data.resolution to pad, "
+            "or use a model/preset made for this data)"
+        )
+    if net.label_dim and (data.labels is None or data.num_classes != net.label_dim):
+        have = "no labels" if data.labels is None else f"{data.num_classes} classes"
+        raise ValueError(f"the network is conditioned on {net.label_dim} classes but {data.description} has {have} "
+                         "(set --data.use-labels, or --net.label-dim 0 for an unconditional model)")
+    B, accum = cfg.train.batch, cfg.train.accum
+    world = int(__import__("os").environ.get("WORLD_SIZE", "1"))
+    if B % (accum * world):
+        raise ValueError(f"--train.batch {B} must be divisible by --train.accum × processes = {accum} × {world}")
+
+
+def _wrap_for_training(model: Precond, cfg: RunConfig, dist: rt_dist.Dist,
+                       device: torch.device) -> tuple[nn.Module, Precond]:
+    """(student f: compiled and/or DDP-wrapped, target f: the same weights without DDP's gradient hooks)."""
+    target_model = replace_net(model, torch.compile(model.net)) if cfg.train.compile else model
+    train_model: nn.Module = target_model
+    if dist.world_size > 1:
+        train_model = nn.parallel.DistributedDataParallel(
+            target_model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+    return train_model, target_model
+
+
+def replace_net(model: Precond, net: nn.Module) -> Precond:
+    """A Precond sharing `model`'s settings around another (e.g. compiled) view of the same network."""
+    return Precond(net, sigma_data=model.sigma_data, sigma_min_shift=model.sigma_min_shift,
+                   label_dim=model.label_dim, compute_dtype=model.compute_dtype)
+
+
+def _set_backend_flags(cfg: RunConfig, device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32
+        torch.backends.cudnn.allow_tf32 = cfg.train.tf32
+        torch.backends.cudnn.benchmark = True
+
+
+def _stage(cfg: RunConfig, nimg: int, total_nimg: int) -> int:
+    if cfg.objective.kind != "ect":
+        return 0
+    return ect_stage(nimg, stage_nimg(cfg.objective, total_nimg), from_scratch=cfg.objective.from_scratch)
+
+
+def _next(nimg: int, kimg: float) -> float:
+    """The next multiple of `kimg` (in images) after `nimg`; infinity when the interval is off."""
+    if kimg <= 0:
+        return math.inf
+    step = kimg * 1000
+    return (math.floor(nimg / step) + 1) * step
+
+
+def _img_shape(cfg: RunConfig) -> tuple[int, int, int]:
+    return (cfg.net.img_channels, cfg.net.img_resolution, cfg.net.img_resolution)
+
+
+def _data_dim(cfg: RunConfig) -> int:
+    c, h, w = _img_shape(cfg)
+    return c * h * w
+
+
+def _memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB

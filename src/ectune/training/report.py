@@ -1,0 +1,94 @@
+"""Status reporting: progress bar, status lines, log.txt, stats.jsonl and the loss-curve plot (rank 0 only)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+
+class Reporter:
+    """Collects per-interval statistics and writes them. Every method is a no-op on ranks other than 0."""
+
+    def __init__(self, run_dir: Path, *, total_kimg: float, start_kimg: float, enabled: bool = True,
+                 progress: bool = True) -> None:
+        self.run_dir, self.enabled, self.progress = run_dir, enabled, progress
+        self.stats_path, self.log_path = run_dir / "stats.jsonl", run_dir / "log.txt"
+        self.bar = tqdm(total=round(total_kimg, 3), initial=round(start_kimg, 3), unit="kimg", disable=not (enabled and progress),
+                        dynamic_ncols=True, leave=False, bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} kimg [{elapsed}<{remaining}]")
+        self.last_kimg = start_kimg
+        self.start_time = time.time()
+
+    def log(self, message: str) -> None:
+        if not self.enabled:
+            return
+        tqdm.write(message) if self.progress else print(message, flush=True)
+        with open(self.log_path, "a") as f:
+            f.write(message + "\n")
+
+    def advance(self, kimg: float) -> None:
+        if self.enabled:
+            self.bar.update(round(kimg - self.last_kimg, 3))
+            self.last_kimg = kimg
+
+    def status(self, stats: dict[str, Any]) -> None:
+        """One status line plus a stats.jsonl record; refreshes the loss plot."""
+        if not self.enabled:
+            return
+        line = (f"kimg {stats['kimg']:9.1f}  loss {stats['loss']:.4g}  stage {stats['stage']}  r/t {stats['mean_r_over_t']:.3f}"
+                f"  lr {stats['lr']:.3g}  sec/kimg {stats['sec_per_kimg']:.2f}  img/s {stats['img_per_s']:.0f}"
+                f"  mem {stats['mem_gb']:.2f}GB" + (f"  skipped {stats['skipped_steps']}" if stats["skipped_steps"] else ""))
+        self.log(line)
+        with open(self.stats_path, "a") as f:
+            f.write(json.dumps(stats) + "\n")
+        plot_curves(self.stats_path, self.run_dir / "loss.png")
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def read_stats(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut by a crash
+            continue
+    return rows
+
+
+def plot_curves(stats_path: Path, out: Path) -> None:
+    """Loss vs images seen (and any evaluated metric) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_stats(stats_path)
+    loss = [(r["kimg"], r["loss"]) for r in rows if "loss" in r]
+    metric = [(r["kimg"], r["metric_value"], r.get("metric_name", "FD")) for r in rows if "metric_value" in r]
+    if not loss:
+        return
+    fig, axes = plt.subplots(1, 2 if metric else 1, figsize=(10 if metric else 5.5, 3.6), squeeze=False)
+    ax = axes[0][0]
+    ax.plot(*zip(*loss))
+    ax.set_xlabel("training images (kimg)")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    if metric:
+        ax2 = axes[0][1]
+        ax2.plot([m[0] for m in metric], [m[1] for m in metric], marker="o")
+        ax2.set_xlabel("training images (kimg)")
+        ax2.set_ylabel(metric[-1][2])
+        ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = out.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(out)

@@ -109,3 +109,16 @@ def test_row_multiple_pads_with_discarded_rows(tiny_net):
     padded = consistency_loss(f, x0, t, r, eps, dropout_key=key, row_multiple=4)
     assert tiny_net.calls[0] == (3, False) and tiny_net.calls[2] == (4, False)
     assert torch.allclose(plain, padded, rtol=1e-6)
+
+
+def test_keyed_dropout_fast_path_matches_int64_reference_and_is_uniform():
+    from ectune.nets.dropout import keyed_uniform, keyed_uniform_reference
+
+    key = torch.tensor([0, 1, 2**31 - 2, 123456789])
+    shape = torch.Size([4, 3, 17, 5])
+    fast = keyed_uniform(key, 7, shape, torch.device("cpu"))
+    assert torch.equal(fast, keyed_uniform_reference(key, 7, shape))
+    u = keyed_uniform(torch.arange(256), 1, torch.Size([256, 4096]), torch.device("cpu"))
+    assert abs(u.mean().item() - 0.5) < 1e-3 and abs(u.std().item() - 12**-0.5) < 1e-3
+    assert not torch.equal(u[0], u[1])
+    assert not torch.equal(keyed_uniform(key, 8, shape, torch.device("cpu")), fast)  # salt matters

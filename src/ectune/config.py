@@ -39,7 +39,7 @@ class NetConfig:
     embedding_type: Literal["positional", "fourier"] = "positional"
     augment_dim: int = 0  # EDM's augmentation-label input (9 in the public EDM CIFAR-10 checkpoints)
     label_balance: float = 0.5  # EDM2 only
-    concat_balance: float = 0.3  # EDM2 only
+    concat_balance: float = 0.5  # EDM2 only
     checkpointing: bool = False  # gradient checkpointing per block (largest models)
 
 

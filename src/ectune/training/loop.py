@@ -98,6 +98,7 @@ def train(
 
     data = open_dataset(cfg.data)
     check_data_matches(cfg, data)
+    torch.manual_seed(cfg.train.seed)  # initial weights (all later randomness is per step, see step_generator)
     model = build_model(cfg, compute_dtype=compute_dtype(cfg.train.precision, device)).to(device)
     net = model.net  # the raw module: saved, averaged, normalised
     opt = make_optimizer(cfg, list(net.parameters()), device)

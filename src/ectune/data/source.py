@@ -1,0 +1,58 @@
+"""`open_dataset`: the one entry point from a DataConfig to an ImageDataset."""
+
+from __future__ import annotations
+
+from ectune.config import DataConfig
+
+from .dataset import ImageDataset, pad_images
+from .edm import load_edm_dataset
+from .errors import DataError
+from .idx import load_fashion_mnist, load_idx_dataset
+from .tv import load_torchvision_dataset
+
+
+def open_dataset(cfg: DataConfig) -> ImageDataset:
+    """Load the dataset `cfg` describes: uint8 [N, C, R, R] on the CPU, labels only if cfg.use_labels.
+
+    cfg.resolution > 0 zero-pads the images, centred, to that size (e.g. Fashion-MNIST 28 -> 32); a size
+    below the native one is refused. The result must be square (the networks take square images).
+    """
+    if cfg.split not in ("train", "test"):
+        raise DataError(f"data.split={cfg.split!r}, expected 'train' or 'test'")
+    if isinstance(cfg.resolution, bool) or not isinstance(cfg.resolution, int) or cfg.resolution < 0:
+        raise DataError(f"data.resolution={cfg.resolution!r}, expected 0 (native) or a positive size")
+    if cfg.source == "fashion-mnist":
+        ds = load_fashion_mnist(cfg.path, split=cfg.split, use_labels=cfg.use_labels)
+    elif cfg.source == "idx":
+        if not cfg.path:
+            raise DataError("data.source='idx' needs --data.path: a directory of MNIST-format files or an images file")
+        ds = load_idx_dataset(cfg.path, split=cfg.split, use_labels=cfg.use_labels)
+    elif cfg.source == "edm":
+        if not cfg.path:
+            raise DataError("data.source='edm' needs --data.path: a folder or .zip of images")
+        if cfg.split != "train":
+            # An EDM archive is one split; silently returning the training images as 'test' would be wrong.
+            raise DataError("data.split='test' has no meaning for data.source='edm'; point --data.path at the test set")
+        ds = load_edm_dataset(cfg.path, use_labels=cfg.use_labels)
+    elif cfg.source == "torchvision":
+        if not cfg.name:
+            raise DataError("data.source='torchvision' needs --data.name, e.g. CIFAR10, MNIST or FashionMNIST")
+        ds = load_torchvision_dataset(
+            cfg.name, root=cfg.path, split=cfg.split, use_labels=cfg.use_labels, download=cfg.download
+        )
+    else:
+        raise DataError(f"data.source={cfg.source!r}, expected 'fashion-mnist', 'idx', 'edm' or 'torchvision'")
+
+    h, w = ds.images.shape[2:]
+    if cfg.resolution and (h, w) != (cfg.resolution, cfg.resolution):
+        r = cfg.resolution
+        ds = ImageDataset(
+            images=pad_images(ds.images, r, where=ds.description),
+            labels=ds.labels,
+            num_classes=ds.num_classes,
+            description=f"{ds.description} padded {h}x{w} -> {r}x{r}",
+        )
+    h, w = ds.images.shape[2:]
+    if h != w:
+        raise DataError(f"{ds.description}: images are {h}x{w}; set data.resolution >= {max(h, w)} to pad them square")
+    return ds

@@ -1,0 +1,122 @@
+"""Reference (dataset) feature statistics, computed once and cached as .npz files.
+
+A cache file is named by a key that says everything the numbers depend on: dataset, split, extractor and
+resolution (see ``ref_key``). Files hold plain arrays (``FeatureStats.save``) and are written atomically,
+so an interrupted run never leaves a truncated cache behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .extractors import FeatureExtractor
+from .fd import FeatureStats
+
+__all__ = ["default_cache_dir", "ref_key", "reference_stats", "stats_of_images"]
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9.-]+")
+
+
+def default_cache_dir() -> Path:
+    """$ECTUNE_CACHE if set, else ~/.cache/ectune."""
+    env = os.environ.get("ECTUNE_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "ectune"
+
+
+def ref_key(dataset_desc: str, split: str, extractor_name: str, resolution: int) -> str:
+    """A filename-safe cache key for reference statistics.
+
+    Each part is reduced to [A-Za-z0-9.-] (runs of anything else become "-"), the parts are joined by "__",
+    and an 8-hex-digit hash of the unreduced parts is appended, so that descriptions differing only in
+    removed characters (e.g. "a/b" and "a b") still get different files. Long descriptions are shortened
+    (the hash keeps them distinct).
+
+    Example: ref_key("fashion-mnist", "test", "lite0", 28) -> "fashion-mnist__test__lite0__28px__<hash8>".
+    """
+    raw = "\x1f".join([dataset_desc, split, extractor_name, str(int(resolution))])
+    digest = hashlib.sha256(raw.encode("utf-8")).hexdigest()[:8]
+    parts = [_UNSAFE.sub("-", p).strip("-.") or "x" for p in (dataset_desc, split, extractor_name)]
+    parts[0] = parts[0][:80]
+    return "__".join([*parts, f"{int(resolution)}px", digest])
+
+
+def _batches(images: Tensor | Iterable[Tensor], batch: int) -> Iterator[Tensor]:
+    """Yield uint8 batches of at most ``batch`` images from a tensor [N, C, H, W] or an iterable of tensors."""
+    if isinstance(images, Tensor):
+        for i in range(0, images.shape[0], batch):
+            yield images[i : i + batch]
+        return
+    for chunk in images:
+        if isinstance(chunk, (tuple, list)):  # (images, labels) pairs from a DataLoader
+            chunk = chunk[0]
+        for i in range(0, chunk.shape[0], batch):
+            yield chunk[i : i + batch]
+
+
+def stats_of_images(
+    images: Tensor | Iterable[Tensor],
+    extractor: FeatureExtractor,
+    *,
+    batch: int = 250,
+    key: str = "",
+) -> FeatureStats:
+    """Feature statistics of a set of uint8 images [N, C, H, W] (a tensor or an iterable of batches).
+
+    Not cached; see ``reference_stats`` for the cached version.
+    """
+    if batch < 1:
+        raise ValueError(f"batch must be at least 1, got {batch}.")
+    stats = FeatureStats(extractor.dim, extractor=extractor.name, key=key)
+    for x in _batches(images, batch):
+        stats.update(extractor(x))
+    return stats
+
+
+def reference_stats(
+    images_u8: Tensor | Iterable[Tensor],
+    extractor: FeatureExtractor,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    key: str,
+    batch: int = 250,
+    recompute: bool = False,
+) -> FeatureStats:
+    """Statistics of a reference image set, loaded from ``<cache_dir>/<key>.npz`` or computed and saved there.
+
+    Args:
+        images_u8: uint8 images [N, C, H, W], or an iterable of such batches (or of (images, labels) pairs).
+            Only read when the cache file is missing, so passing a lazy iterable avoids loading the data.
+        extractor: feature extractor; its name must match the one recorded in an existing cache file.
+        cache_dir: folder of cache files; default ``default_cache_dir()``.
+        key: cache key, normally from ``ref_key``; must be a plain file name.
+        batch: images per extractor call.
+        recompute: ignore and overwrite an existing cache file.
+
+    Returns:
+        FeatureStats with ``key`` and ``extractor`` set.
+    """
+    if not key or key != Path(key).name or key.startswith("."):
+        raise ValueError(f"reference_stats key must be a plain file name (use ref_key), got {key!r}.")
+    folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    path = folder / f"{key}.npz"
+    if path.is_file() and not recompute:
+        stats = FeatureStats.load(path)
+        if stats.extractor != extractor.name or stats.dim != extractor.dim:
+            raise ValueError(
+                f"Cached statistics {path} were made with extractor {stats.extractor!r} (dim {stats.dim}), not "
+                f"{extractor.name!r} (dim {extractor.dim}); use a key that names the extractor, or recompute=True."
+            )
+        return stats
+    with torch.no_grad():
+        stats = stats_of_images(images_u8, extractor, batch=batch, key=key)
+    if stats.count < 2:
+        raise ValueError(f"Reference set for {key!r} has {stats.count} image(s); a covariance needs at least 2.")
+    stats.save(path)
+    return stats

@@ -1,0 +1,275 @@
+"""EDM/EDM2 pickle import: synthetic pickles laid out like the public ones, loaded without running their code.
+
+The fixtures write throw-away `torch_utils.persistence` and `dnnlib.util` modules, pickle a tiny ectune network
+wrapped the way EDM's persistent classes pickle themselves (source code embedded, state = module __dict__), then
+remove those modules from sys.modules and sys.path before loading, as on a machine without EDM's code.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+import pickle
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import torch
+from torch import nn
+
+from ectune.config import NetConfig
+from ectune.importers import PickleRefused, import_edm_pickle, load_edm_pickle, map_to_ectune, read_edm_pickle
+from ectune.nets import SMALL_CONFIGS, build_net
+from ectune.nets.dropout import KeyedDropout
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """One intra-op thread: on a shared 2-core machine, 2 OpenMP threads thrash (100x slower) under load."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+FAKE_MODULES = {
+    "torch_utils/__init__.py": "",
+    "torch_utils/persistence.py": textwrap.dedent('''
+        def _reconstruct_persistent_obj(meta):
+            raise RuntimeError("the real persistence reconstructor must never run during a safe load")
+
+        class Persistent:
+            """Pickles exactly like an instance of an EDM @persistent_class."""
+            def __init__(self, class_name, state, module_src):
+                self.class_name, self.state, self.module_src = class_name, state, module_src
+            def __reduce__(self):
+                meta = dict(type="class", version=6, module_src=self.module_src, class_name=self.class_name,
+                            state=self.state)
+                return (_reconstruct_persistent_obj, (meta,))
+    '''),
+    "dnnlib/__init__.py": "from .util import EasyDict\n",
+    "dnnlib/util.py": "class EasyDict(dict):\n    pass\n",
+}
+
+
+@pytest.fixture
+def fake_edm(tmp_path: Path) -> Iterator[Any]:
+    """Importable fake EDM support modules for writing pickles; unimportable again once the test loads."""
+    root = tmp_path / "fake_edm_code"
+    for rel, src in FAKE_MODULES.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(src)
+    sys.path.insert(0, str(root))
+    names = ["torch_utils", "torch_utils.persistence", "dnnlib", "dnnlib.util"]
+    try:
+        import dnnlib  # noqa: F401
+        import torch_utils.persistence as persistence
+
+        yield persistence
+    finally:
+        sys.path.remove(str(root))
+        for name in names:
+            sys.modules.pop(name, None)
+
+
+def as_persistent(module: nn.Module, persistence: Any, module_src: str) -> Any:
+    """Rebuild an nn.Module tree as EDM pickles it: persistent objects, except torch.nn containers."""
+    children = collections.OrderedDict(
+        (name, as_persistent(child, persistence, module_src))
+        for name, child in module._modules.items()
+        if not isinstance(child, KeyedDropout)  # EDM's dropout is functional: no module in its tree
+    )
+    if isinstance(module, nn.ModuleDict):
+        container = nn.ModuleDict()
+        container.__dict__["_modules"] = children  # a plain torch.nn class holding persistent children
+        return container
+    state = dict(
+        training=False,
+        _parameters=collections.OrderedDict((k, nn.Parameter(v.detach().clone(), requires_grad=False))
+                                            for k, v in module._parameters.items() if v is not None),
+        _buffers=collections.OrderedDict((k, None if v is None else v.clone()) for k, v in module._buffers.items()),
+        _non_persistent_buffers_set=set(),
+        _modules=children,
+        _init_args=(),
+        _init_kwargs={},
+    )
+    return persistence.Persistent(type(module).__name__, state, module_src)
+
+
+def write_pickle(path: Path, persistence: Any, net: nn.Module, kind: str, init_kwargs: dict[str, Any],
+                 protocol: int, module_src: str) -> None:
+    import dnnlib
+
+    inner = as_persistent(net, persistence, module_src)
+    modules: dict[str, Any] = {"model" if kind == "edm" else "unet": inner}
+    if kind == "edm2":  # EDM2's Precond also owns the uncertainty (logvar) head, which ECT does not use
+        modules["logvar_fourier"] = persistence.Persistent("MPFourier", dict(
+            _parameters={}, _buffers={"freqs": torch.randn(8), "phases": torch.rand(8)}, _modules={}), module_src)
+        modules["logvar_linear"] = persistence.Persistent("MPConv", dict(
+            _parameters={"weight": nn.Parameter(torch.randn(1, 8))}, _buffers={}, _modules={}), module_src)
+    precond_state = dict(training=False, _parameters={}, _buffers={}, _modules=collections.OrderedDict(modules),
+                         _init_args=(), _init_kwargs=dnnlib.EasyDict(init_kwargs), sigma_data=0.5)
+    precond = persistence.Persistent("EDMPrecond" if kind == "edm" else "Precond", precond_state, module_src)
+    loss = persistence.Persistent("EDMLoss", dict(P_mean=-1.2, P_std=1.2, sigma_data=0.5), module_src)
+    if kind == "edm":
+        data: Any = dict(ema=precond, loss_fn=loss, augment_pipe=None,
+                         dataset_kwargs=dnnlib.EasyDict(class_name="training.dataset.ImageFolderDataset", path="x.zip"))
+    else:
+        data = dnnlib.EasyDict(ema=precond, loss_fn=loss, encoder=persistence.Persistent("StandardRGBEncoder", {}, ""))
+    with path.open("wb") as f:
+        pickle.dump(data, f, protocol=protocol)
+
+
+def randomised(cfg: NetConfig) -> nn.Module:
+    torch.manual_seed(0)
+    net = build_net(cfg)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.1)  # move zero-initialised gains so outputs depend on every weight
+    return net.eval()
+
+
+def booby_trap(tmp_path: Path) -> tuple[str, Path]:
+    """Module source that, if ever executed, leaves a marker file."""
+    marker = tmp_path / "EXECUTED"
+    return f"open({str(marker)!r}, 'w').write('embedded code ran')\n", marker
+
+
+# ---------------------------------------------------------------------------------------------- round trips
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_edm_ddpmpp_pickle_round_trip(tmp_path: Path, fake_edm: Any, protocol: int) -> None:
+    cfg = dataclasses.replace(SMALL_CONFIGS["tiny"], img_channels=3, augment_dim=9, label_dim=10, dropout=0.0)
+    net = randomised(cfg)
+    src, marker = booby_trap(tmp_path)
+    path = tmp_path / "network-snapshot.pkl"
+    init_kwargs = dict(img_resolution=32, img_channels=3, label_dim=10, model_type="SongUNet", dropout=0.13,
+                       embedding_type="positional", encoder_type="standard", decoder_type="standard", augment_dim=9)
+    write_pickle(path, fake_edm, net, "edm", init_kwargs, protocol, src)
+    sys.modules.pop("torch_utils.persistence")  # loading must not need (or import) EDM's code
+    sys.modules.pop("torch_utils")
+
+    state = load_edm_pickle(path)
+    assert all(k.startswith("model.") for k in state)
+    assert "model.enc.16x16_down.conv0.resample_filter" in state
+    pkl = read_edm_pickle(path)
+    assert pkl.class_name == "EDMPrecond" and pkl.init_kwargs["dropout"] == 0.13
+
+    new_cfg, sd = import_edm_pickle(path)
+    assert new_cfg == dataclasses.replace(cfg, dropout=0.13)
+    new_net = build_net(new_cfg).eval()
+    new_net.load_state_dict(sd)
+    x, c_noise = torch.randn(2, 3, 32, 32), torch.randn(2)
+    labels = torch.eye(10)[:2]
+    with torch.no_grad():
+        torch.testing.assert_close(new_net(x, c_noise, labels), net(x, c_noise, labels))
+    assert not marker.exists()
+    assert "torch_utils.persistence" not in sys.modules
+
+
+def test_edm2_pickle_round_trip(tmp_path: Path, fake_edm: Any) -> None:
+    cfg = dataclasses.replace(SMALL_CONFIGS["tiny-edm2"], img_channels=3, label_dim=10, dropout=0.0,
+                              dropout_res=NetConfig().dropout_res)
+    net = randomised(cfg)
+    src, marker = booby_trap(tmp_path)
+    path = tmp_path / "edm2-img64-xs.pkl"
+    write_pickle(path, fake_edm, net, "edm2", dict(model_channels=16, dropout=0.1), 4, src)
+
+    state = load_edm_pickle(path)
+    assert "unet.out_gain" in state and "logvar_linear.weight" in state
+    new_cfg, sd = import_edm_pickle(path)  # kind guessed from the 'unet.' prefix; logvar head dropped
+    assert new_cfg == dataclasses.replace(cfg, dropout=0.1)
+    assert not any(k.startswith("logvar") for k in sd)
+    new_net = build_net(new_cfg).eval()
+    new_net.load_state_dict(sd)
+    x, c_noise = torch.randn(2, 3, 32, 32), torch.randn(2)
+    with torch.no_grad():
+        torch.testing.assert_close(new_net(x, c_noise, torch.eye(10)[:2]), net(x, c_noise, torch.eye(10)[:2]))
+    assert not marker.exists()
+
+
+def test_edm2_model_channels_inferred_from_shapes_without_kwargs(tmp_path: Path, fake_edm: Any) -> None:
+    cfg = dataclasses.replace(SMALL_CONFIGS["tiny-edm2"], channel_mult=(1, 2, 3), dropout=0.0,
+                              dropout_res=NetConfig().dropout_res)
+    write_pickle(tmp_path / "n.pkl", fake_edm, randomised(cfg), "edm2", {}, 4, "")
+    new_cfg, _ = map_to_ectune(load_edm_pickle(tmp_path / "n.pkl"), "edm2")
+    assert new_cfg == cfg
+
+
+# ---------------------------------------------------------------------------------------------- refusals
+
+
+class _SystemCall:
+    def __init__(self, cmd: str) -> None:
+        self.cmd = cmd
+
+    def __reduce__(self) -> Any:
+        return (os.system, (self.cmd,))
+
+
+class _Eval:
+    def __reduce__(self) -> Any:
+        return (eval, ("1 + 1",))
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_malicious_reduce_is_refused_and_never_run(tmp_path: Path, protocol: int) -> None:
+    marker = tmp_path / "PWNED"
+    path = tmp_path / "evil.pkl"
+    with path.open("wb") as f:
+        pickle.dump({"ema": _SystemCall(f"touch {marker}")}, f, protocol=protocol)
+    with pytest.raises(PickleRefused, match=r"refusing to load global (posix|nt|os)\.system"):
+        load_edm_pickle(path)
+    assert not marker.exists()
+
+
+def test_malicious_payload_nested_in_network_state_is_refused(tmp_path: Path, fake_edm: Any) -> None:
+    marker = tmp_path / "PWNED"
+    net = build_net(SMALL_CONFIGS["tiny"])
+    path = tmp_path / "evil-net.pkl"
+    write_pickle(path, fake_edm, net, "edm", {"dropout": _SystemCall(f"touch {marker}")}, 4, "")
+    with pytest.raises(PickleRefused, match="system"):
+        load_edm_pickle(path)
+    assert not marker.exists()
+
+
+def test_builtins_eval_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "eval.pkl"
+    path.write_bytes(pickle.dumps({"ema": _Eval()}))
+    with pytest.raises(PickleRefused, match="builtins.eval"):
+        load_edm_pickle(path)
+
+
+def test_not_an_edm_pickle_is_explained(tmp_path: Path) -> None:
+    path = tmp_path / "other.pkl"
+    path.write_bytes(pickle.dumps({"G_ema": 1}))
+    with pytest.raises(ValueError, match="key 'ema'"):
+        load_edm_pickle(path)
+
+
+# ---------------------------------------------------------------------------------------------- key checking
+
+
+def test_mismatch_error_lists_missing_unexpected_and_shapes() -> None:
+    cfg = SMALL_CONFIGS["tiny"]
+    sd = {f"model.{k}": v for k, v in build_net(cfg).state_dict().items()}
+    del sd["model.dec.32x32_aux_conv.bias"]
+    sd["model.enc.32x32_block0.extra.weight"] = torch.zeros(3)
+    sd["model.dec.8x8_in1.conv1.weight"] = torch.zeros(1, 1, 3, 3)
+    with pytest.raises(ValueError) as err:
+        map_to_ectune(sd, "edm")
+    msg = str(err.value)
+    assert "missing: dec.32x32_aux_conv.bias" in msg
+    assert "unexpected: enc.32x32_block0.extra.weight" in msg
+    assert "shape mismatch: dec.8x8_in1.conv1.weight: (1, 1, 3, 3) in file vs (32, 32, 3, 3) expected" in msg
+
+
+def test_unprefixed_state_is_accepted() -> None:
+    net = build_net(SMALL_CONFIGS["tiny"])
+    cfg, sd = map_to_ectune(net.state_dict(), "edm")
+    assert cfg == dataclasses.replace(SMALL_CONFIGS["tiny"], dropout=0.0)
+    assert sd.keys() == net.state_dict().keys()

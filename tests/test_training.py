@@ -1,0 +1,195 @@
+"""Training loop: runs end to end on real Fashion-MNIST, resumes bit-exactly, survives crashes and bad input."""
+
+import errno
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from ectune.cli import main
+from ectune.config import DataConfig, TrainConfig
+from ectune.data.idx import fashion_mnist_dirs
+from ectune.nets import SMALL_CONFIGS
+from ectune.presets import get_preset
+from ectune.runtime import checkpoint
+from ectune.runtime.checkpoint import CheckpointError, load_state
+from ectune.training.loop import train
+
+HAVE_FMNIST = any((d / "t10k-images-idx3-ubyte.gz").exists() for d in fashion_mnist_dirs())
+needs_fmnist = pytest.mark.skipif(not HAVE_FMNIST, reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+
+TINY = ["--net.model-channels", "16", "--net.channel-mult", "1", "2", "--net.num-blocks", "1",
+        "--net.attn-resolutions", "8", "--data.split", "test"]
+
+
+def tiny(mode="pretrain", objective="ect", **train_kw):
+    cfg = get_preset("fashion-mnist", mode, objective=objective)
+    net = replace(SMALL_CONFIGS["tiny"], model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(8,),
+                  dropout=cfg.net.dropout)
+    t = dict(total_kimg=0.128, batch=16, status_kimg=0.032, save_kimg=0.064, sample_kimg=0.0)
+    t.update(train_kw)
+    return replace(cfg, net=net, data=replace(cfg.data, split="test"), train=replace(cfg.train, **t))
+
+
+@needs_fmnist
+def test_resume_is_bit_exact(tmp_path):
+    cfg = tiny("tune", total_kimg=0.128)
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(cfg, straight, show_progress=False)
+    train(cfg, resumed, until_kimg=0.064, show_progress=False)
+    assert load_state(resumed / "state.pt")["nimg"] == 64
+    train(cfg, resumed, show_progress=False)
+    a, b = load_state(straight / "state.pt"), load_state(resumed / "state.pt")
+    assert a["nimg"] == b["nimg"] == 128
+    for k in a["net"]:
+        assert torch.equal(a["net"][k], b["net"][k]), k
+    for k in a["ema"]:
+        assert torch.equal(a["ema"][k], b["ema"][k]), k
+    for sa, sb in zip(a["opt"]["state"].values(), b["opt"]["state"].values()):
+        for k in sa:
+            assert torch.equal(torch.as_tensor(sa[k]), torch.as_tensor(sb[k])), k
+
+
+@needs_fmnist
+def test_pretrain_tune_ict_sample_info_cli(tmp_path, capsys):
+    dm, ecm, ict = tmp_path / "dm", tmp_path / "ecm", tmp_path / "ict"
+    short = ["--train.total-kimg", "0.064", "--train.batch", "16", "--train.sample-kimg", "0.064", "--quiet"]
+    assert main(["pretrain", "--run", str(dm), *TINY, *short]) == 0
+    assert (dm / "samples-heun.png").exists() and (dm / "loss.png").exists() and (dm / "stats.jsonl").exists()
+    assert main(["tune", "--init", str(dm), "--run", str(ecm), "--data.split", "test", *short]) == 0
+    assert (ecm / "samples-1step.png").exists() and (ecm / "samples-2step.png").exists()
+    assert main(["tune", "--init", str(dm), "--objective", "ict", "--run", str(ict), "--data.split", "test", *short]) == 0
+    capsys.readouterr()
+    assert main(["info", str(ecm)]) == 0
+    info = capsys.readouterr().out
+    assert '"nimg": 64' in info and '"objective": "ect"' in info
+    for out in ("g.png", "g.npz", "gdir"):
+        assert main(["sample", str(ecm), "--steps", "2", "--mid-t", "0.821", "--n", "5", "--out", str(tmp_path / out)]) == 0
+    assert len(list((tmp_path / "gdir").glob("*.png"))) == 5
+    import numpy as np
+
+    assert np.load(tmp_path / "g.npz")["arr_0"].shape == (5, 32, 32, 1)
+
+
+def test_dry_run_prints_resolved_config_with_param_count(capsys):
+    assert main(["tune", "--preset", "cifar10", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert '"params_millions": 55.7' in out and '"q": 2.0' in out and '"weighting": "inv_dt"' in out
+
+
+def test_unknown_preset_and_option(capsys):
+    assert main(["pretrain", "--preset", "nope", "--dry-run"]) == 1
+    assert "unknown preset 'nope'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["pretrain", "--dry-run", "--train.bogus", "1"])
+    assert exc.value.code == 2
+
+
+@pytest.mark.parametrize("path_kind", ["missing", "empty"])
+def test_missing_or_empty_data_path(tmp_path, capsys, path_kind):
+    path = tmp_path / "nothing"
+    if path_kind == "empty":
+        path.mkdir()
+    code = main(["pretrain", "--run", str(tmp_path / "run"), *TINY[:-2], "--data.source", "edm", "--data.path", str(path)])
+    assert code == 1
+    assert str(path) in capsys.readouterr().err
+
+
+@needs_fmnist
+def test_init_errors(tmp_path, capsys):
+    run = tmp_path / "dm"
+    train(tiny("pretrain", total_kimg=0.032), run, show_progress=False)
+    # 1. a pickle is refused and never executed
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pkl"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    evil.write_bytes(pickle.dumps(Evil()))
+    assert main(["tune", "--init", str(evil), "--run", str(tmp_path / "t1"), "--dry-run"]) == 1
+    assert "never unpickles" in capsys.readouterr().err and not marker.exists()
+    # 2. a file that is not an ectune model
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"hello world, not a model")
+    assert main(["tune", "--init", str(junk), "--run", str(tmp_path / "t2"), "--dry-run"]) == 1
+    assert "not a safetensors file" in capsys.readouterr().err
+    # 3. a truncated model export
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes((run / "model.safetensors").read_bytes()[:-100])
+    assert main(["tune", "--init", str(cut), "--run", str(tmp_path / "t3"), "--data.split", "test"]) == 1
+    assert "cut.safetensors" in capsys.readouterr().err
+    # 4. channel mismatch between the --init model and the data (RGB images vs a grayscale model)
+    from PIL import Image
+
+    rgb = tmp_path / "rgb"
+    rgb.mkdir()
+    for i in range(4):
+        Image.new("RGB", (32, 32), (i * 40, 0, 0)).save(rgb / f"{i}.png")
+    assert main(["tune", "--init", str(run), "--run", str(tmp_path / "t4"), "--data.source", "edm", "--data.path", str(rgb),
+                 "--data.resolution", "0"]) == 1
+    err = capsys.readouterr().err
+    assert "3×32×32" in err and "1×32×32" in err
+
+
+@needs_fmnist
+def test_truncated_state_and_config_conflict(tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["pretrain", "--run", str(run), *TINY, "--train.total-kimg", "0.032", "--train.batch", "16", "--quiet"]
+    assert main(args) == 0
+    assert main(args[:-1] + ["--train.batch", "32", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "train.batch" in err and "different config" in err
+    state = run / "state.pt"
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    assert main(args) == 1
+    assert "state.pt is not a readable ectune training state" in capsys.readouterr().err
+
+
+def test_disk_full_keeps_previous_file(tmp_path, monkeypatch):
+    target = tmp_path / "state.pt"
+    checkpoint.save_state(target, {"nimg": 1, "w": torch.ones(3)})
+    before = target.read_bytes()
+
+    def full_disk(state, f):
+        f.write(b"partial bytes")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
+    with pytest.raises(OSError, match="disk full while writing .*state.pt; the previous file"):
+        checkpoint.save_state(target, {"nimg": 2})
+    assert target.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]  # no temporary file left behind
+    monkeypatch.undo()
+    assert load_state(target)["nimg"] == 1
+    with pytest.raises(CheckpointError):
+        checkpoint.load_model_weights(target)
+
+
+@needs_fmnist
+@pytest.mark.slow
+def test_kill_dash_nine_then_rerun_resumes(tmp_path):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "ectune.cli", "pretrain", "--run", str(run), *TINY, "--train.batch", "16",
+           "--train.total-kimg", "0.64", "--train.save-kimg", "0.064", "--train.sample-kimg", "0", "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (run / "state.pt").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved = load_state(run / "state.pt")["nimg"]
+    assert 0 < saved < 640
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert f"starting at {saved / 1000:.1f} kimg" in (run / "log.txt").read_text()
+    assert load_state(run / "state.pt")["nimg"] == 640

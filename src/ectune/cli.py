@@ -164,12 +164,26 @@ def cmd_convert_images(command: str, rest: Sequence[str]) -> int:
     return 0
 
 
+def _lazy(module: str, name: str):
+    """A command implemented in another module, imported only when it runs."""
+
+    def run(command: str, rest: Sequence[str]) -> int:
+        import importlib
+
+        return getattr(importlib.import_module(module), name)(command, rest)
+
+    return run
+
+
 COMMANDS = {
     "pretrain": cmd_train,
     "tune": cmd_train,
     "sample": cmd_sample,
     "info": cmd_info,
     "convert-images": cmd_convert_images,
+    "eval": _lazy("ectune.cli_eval", "cmd_eval"),
+    "ref-stats": _lazy("ectune.cli_eval", "cmd_ref_stats"),
+    "import-edm": _lazy("ectune.importers.cli", "cmd_import_edm"),
 }
 
 

@@ -116,7 +116,8 @@ def train(
     loss_kwargs = objective_loss_kwargs(cfg.objective, data_dim=_data_dim(cfg), sigma_data=cfg.precond.sigma_data)
     meter = StatsMeter(device)
     t0 = time.time()
-    next_status, next_save, next_sample = (_next(nimg, k) for k in (cfg.train.status_kimg, cfg.train.save_kimg, cfg.train.sample_kimg))
+    next_status, next_save, next_sample, next_eval = (
+        _next(nimg, k) for k in (cfg.train.status_kimg, cfg.train.save_kimg, cfg.train.sample_kimg, cfg.train.eval_kimg))
     bad_in_a_row = 0
     last_loss = math.nan
 
@@ -160,6 +161,14 @@ def train(
         if cfg.train.sample_kimg > 0 and (nimg >= next_sample or done):
             save_sample_grids(run, cfg, ema_model, ema, nimg, device, is_main=dist.is_main)
             next_sample = _next(nimg, cfg.train.sample_kimg)
+        if cfg.train.eval_kimg > 0 and (nimg >= next_eval or done):
+            from ..evaluation import evaluate_in_training
+
+            ema_model.net.load_state_dict(ema.state_dict(0))
+            record = evaluate_in_training(ema_model, cfg, data, nimg=nimg, device=device)  # all ranks take part
+            if dist.is_main:
+                reporter.metric(record)
+            next_eval = _next(nimg, cfg.train.eval_kimg)
 
     reporter.close()
     rt_dist.barrier()

@@ -46,6 +46,16 @@ class Reporter:
             f.write(json.dumps(stats) + "\n")
         plot_curves(self.stats_path, self.run_dir / "loss.png")
 
+    def metric(self, record: dict[str, Any]) -> None:
+        """An evaluation result during training: {'kimg', 'metric_name', 'metric_value', ...}."""
+        if not self.enabled:
+            return
+        self.log(f"kimg {record['kimg']:9.1f}  {record['metric_name']} {record['metric_value']:.3f}  "
+                 + "  ".join(f"{k} {v}" for k, v in record.items() if k not in ("kimg", "metric_name", "metric_value")))
+        with open(self.stats_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        plot_curves(self.stats_path, self.run_dir / "loss.png")
+
     def close(self) -> None:
         self.bar.close()
 

@@ -53,3 +53,32 @@ def test_class_labels_become_one_hot():
     assert seen["labels"].tolist() == [[0, 1, 0, 0], [0, 0, 0, 1]]
     with pytest.raises(ValueError, match="class-conditional"):
         f(torch.randn(2, 1, 2, 2), 1.0)
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return nn.functional.conv2d(torch.randn(1, 1, 4, 4), torch.randn(1, 1, 3, 3)).dtype == torch.bfloat16
+    except RuntimeError:
+        return False
+
+
+@pytest.mark.skipif(not _cpu_has_bf16(), reason="this CPU build has no bf16 autocast")
+def test_bf16_autocast_never_reaches_the_loss():
+    from conftest import TinyNet
+    from ectune.losses import consistency_loss
+    from ectune.nets import SMALL_CONFIGS, build_net
+
+    seen = []
+    for net in (TinyNet(dropout=0.2), build_net(SMALL_CONFIGS["tiny"])):
+        net.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+        f = Precond(net, compute_dtype=torch.bfloat16).train()
+        x0 = torch.rand(4, 1, 32, 32) * 2 - 1
+        t = torch.tensor([0.5, 1.0, 2.0, 10.0])
+        out = f(x0, t)
+        assert out.dtype == torch.float32
+        loss = consistency_loss(f, x0, t, 0.5 * t, torch.randn_like(x0), dropout_key=torch.arange(4))
+        assert loss.dtype == torch.float32 and torch.isfinite(loss).all()
+        loss.sum().backward()
+        assert all(p.grad.dtype == torch.float32 for p in net.parameters() if p.grad is not None)
+    assert seen and all(d == torch.bfloat16 for d in seen)  # the inner network really ran in bf16

@@ -193,3 +193,14 @@ def test_kill_dash_nine_then_rerun_resumes(tmp_path):
     assert done.returncode == 0, done.stderr
     assert f"starting at {saved / 1000:.1f} kimg" in (run / "log.txt").read_text()
     assert load_state(run / "state.pt")["nimg"] == 640
+
+
+@needs_fmnist
+def test_gradient_accumulation_matches_one_big_batch(tmp_path):
+    one = tiny("tune", total_kimg=0.032, save_kimg=0.032)
+    two = replace(one, train=replace(one.train, accum=2))
+    train(one, tmp_path / "a", show_progress=False)
+    train(two, tmp_path / "b", show_progress=False)
+    a, b = load_state(tmp_path / "a" / "state.pt")["net"], load_state(tmp_path / "b" / "state.pt")["net"]
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6), k

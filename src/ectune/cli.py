@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -45,7 +46,8 @@ def _train_parser(command: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"ectune {command}", add_help=False,
                                 description=f"{command} a model; any config field can follow as --section.field VALUE")
     p.add_argument("--preset", default="fashion-mnist", help=f"one of: {', '.join(preset_names())}")
-    p.add_argument("--run", type=Path, help="run directory (rerun the same command to resume)")
+    # --run-dir: torchrun's own parser takes any "--run" prefix as its --run-path option.
+    p.add_argument("--run", "--run-dir", dest="run", type=Path, help="run directory (rerun the same command to resume)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config as JSON and exit")
     p.add_argument("--until-kimg", type=float, default=None, help="stop (after saving) at this many kimg; rerun to continue")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -87,8 +89,9 @@ def cmd_train(command: str, rest: Sequence[str]) -> int:
 
     result = train(cfg, args.run, init=getattr(args, "init", None), command=command, until_kimg=args.until_kimg,
                    show_progress=not args.quiet)
-    print(f"{command} done: {result.nimg / 1000:.1f} kimg, final loss {result.final_loss:.4g}, "
-          f"skipped steps {result.skipped_steps}; model {result.run_dir / 'model.safetensors'}")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"{command} done: {result.nimg / 1000:.1f} kimg, final loss {result.final_loss:.4g}, "
+              f"skipped steps {result.skipped_steps}; model {result.run_dir / 'model.safetensors'}")
     return 0
 
 

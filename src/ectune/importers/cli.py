@@ -1,0 +1,101 @@
+"""`ectune import-edm FILE.pkl --out MODEL.safetensors [--kind edm|edm2] [--preset NAME]`.
+
+Turns a public EDM (DDPM++) or EDM2 network pickle into an ectune model file that `ectune tune --init`,
+`ectune sample` and `ectune info` accept. The pickle is read with ectune's restricted unpickler (see
+ectune.importers.edm_pickle): the source code it embeds is never compiled or run, and any global outside a short
+whitelist is refused before it is called. Every key and shape is checked against the network inferred from the
+tensors; the model file holds that network config plus the rest of a preset's RunConfig.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pickle
+from dataclasses import replace
+from pathlib import Path
+from typing import Sequence
+
+from ..config import NetConfig, RunConfig
+
+# EDM2's ImageNet-64 sizes (REFERENCE §7) by model_channels.
+_EDM2_PRESETS = {192: "imagenet64-s", 256: "imagenet64-m", 320: "imagenet64-l", 384: "imagenet64-xl"}
+LICENCE_NOTE = ("note: NVIDIA's public EDM/EDM2 checkpoints are licensed CC BY-NC-SA 4.0 (non-commercial, share-alike); "
+                "models tuned from them inherit those terms")
+
+
+def default_preset(net: NetConfig, path: Path) -> str:
+    """The preset whose recipe matches an imported network: cifar10 for DDPM++ 32×32, imagenet64-{s,m,l,xl} for EDM2."""
+    if net.arch == "ddpmpp" and net.img_resolution == 32:
+        return "cifar10"
+    if net.arch == "edm2" and net.model_channels in _EDM2_PRESETS:
+        return _EDM2_PRESETS[net.model_channels]
+    raise ValueError(
+        f"{path}: no preset matches the imported {net.arch} network ({net.img_resolution}×{net.img_resolution}, "
+        f"model_channels {net.model_channels}); choose one with --preset"
+    )
+
+
+def imported_config(net: NetConfig, preset: str, *, sigma_data: float) -> RunConfig:
+    """The RunConfig stored with an imported network: the preset's `tune` recipe around the pickle's network."""
+    from ..presets import get_preset
+
+    cfg = get_preset(preset, "tune")
+    return replace(cfg, net=net, precond=replace(cfg.precond, sigma_data=sigma_data),
+                   data=replace(cfg.data, use_labels=net.label_dim > 0))
+
+
+def cmd_import_edm(command: str, rest: Sequence[str]) -> int:
+    from ..presets import preset_names
+
+    p = argparse.ArgumentParser(prog="ectune import-edm",
+                                description="convert an EDM/EDM2 network pickle (without running its code) to an ectune model")
+    p.add_argument("pickle", type=Path, help="network-snapshot-*.pkl (EDM) or edm2-*.pkl (EDM2)")
+    p.add_argument("--out", type=Path, required=True, help="MODEL.safetensors to write")
+    p.add_argument("--kind", choices=("edm", "edm2"), default=None, help="default: guessed from the network's layout")
+    p.add_argument("--preset", choices=preset_names(), default=None,
+                   help="recipe stored with the model (default: cifar10 for DDPM++ 32×32, imagenet64-s/m/l/xl for EDM2)")
+    a = p.parse_args(rest)
+
+    from ..model import load_model
+    from ..nets import count_params
+    from ..runtime.checkpoint import save_model
+    from .edm_pickle import PickleRefused, map_to_ectune, read_edm_pickle
+
+    if not a.pickle.is_file():
+        raise FileNotFoundError(f"{a.pickle}: no such file (expected an EDM/EDM2 network pickle)")
+    if a.out.suffix != ".safetensors":
+        raise ValueError(f"--out {a.out}: the model file name must end in .safetensors")
+    if a.out.resolve() == a.pickle.resolve():
+        raise ValueError(f"--out {a.out} is the input pickle; choose another file name")
+    try:
+        pkl = read_edm_pickle(a.pickle)
+    except PickleRefused as exc:
+        raise ValueError(f"refused {exc}") from None
+    except (pickle.UnpicklingError, EOFError, AttributeError, IndexError, TypeError, KeyError) as exc:
+        raise ValueError(f"{a.pickle} is not a readable EDM/EDM2 network pickle "
+                         f"({type(exc).__name__}: {str(exc)[:200]}); it may be truncated") from None
+
+    kind = a.kind or _guess_kind(pkl.state, a.pickle)
+    try:
+        net, state = map_to_ectune(pkl.state, kind, init_kwargs=pkl.init_kwargs)
+    except ValueError as exc:
+        raise ValueError(f"{a.pickle} (--kind {kind}): {exc}") from None
+    preset = a.preset or default_preset(net, a.pickle)
+    sigma_data = float(pkl.init_kwargs.get("sigma_data", 0.5))
+    cfg = imported_config(net, preset, sigma_data=sigma_data)
+    extra = {"nimg": 0, "objective": "diffusion", "imported_from": a.pickle.name, "kind": kind,
+             "class_name": pkl.class_name, "preset": preset}
+    save_model(a.out, state, cfg, extra=extra)
+    model, _, _ = load_model(a.out)  # proves the file loads strictly, as `ectune tune --init` will load it
+    print(f"imported {kind} {pkl.class_name} from {a.pickle}: {net.arch} {count_params(model.net) / 1e6:.1f}M parameters, "
+          f"{len(state)} tensors checked, recipe {preset!r} -> {a.out}")
+    print(LICENCE_NOTE)
+    return 0
+
+
+def _guess_kind(state: dict, path: Path) -> str:
+    if any(k.startswith("unet.") for k in state):
+        return "edm2"
+    if any(k.startswith("model.") for k in state):
+        return "edm"
+    raise ValueError(f"{path}: cannot tell EDM from EDM2 (the network has neither .model nor .unet); pass --kind")

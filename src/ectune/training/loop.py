@@ -104,6 +104,8 @@ def train(
     opt = make_optimizer(cfg, list(net.parameters()), device)
     ema = EMA(net, cfg.ema)
     nimg, skipped = restore(run, cfg, net, opt, ema, init, device)
+    rt_dist.check_same_across_ranks(nimg, what=f"images seen in {run.state}")
+    freeze_unused_parameters(net)
     train_model, target_model = _wrap_for_training(model, cfg, dist, device)
 
     total_nimg = int(cfg.train.total_kimg * 1000)
@@ -185,11 +187,21 @@ def training_step(
     dist: rt_dist.Dist,
     device: torch.device,
     loss_kwargs: dict[str, Any],
-) -> tuple[Tensor, float, bool]:
-    """One optimiser step on the global batch that starts at `nimg`; returns (loss sum on this rank, mean r/t, finite)."""
+    *,
+    guard: str = "auto",
+) -> tuple[Tensor, float, bool | StepFlag]:
+    """One optimiser step on the global batch that starts at `nimg`; returns (loss sum on this rank, mean r/t, finite).
+
+    `guard` picks how a step with a non-finite loss or gradient is skipped: "sync" reads the check on the host
+    (one sync per step, the CPU default); "device" skips it on the device (`DeviceStepGuard`) and returns a
+    `StepFlag`, whose bool() waits only for the check, not for the optimiser step (the single-process CUDA
+    default); "auto" chooses. Either way a skipped step leaves weights and optimiser state unchanged and
+    returns a zero loss sum.
+    """
     B, accum, world = cfg.train.batch, cfg.train.accum, dist.world_size
     per_round = B // (accum * world)
     total_nimg = cfg.train.total_kimg * 1000
+    mode = _guard_mode(guard, device, world)
     g = step_generator(cfg.train.seed, nimg)
     t, r = draw_t_r(cfg.objective, n=B, nimg=nimg, total_nimg=total_nimg, generator=g)  # host: no device sync
     keys = torch.randint(0, 2**31 - 1, (B,), generator=g)
@@ -197,32 +209,43 @@ def training_step(
     flips = xflip_mask(torch.arange(nimg, nimg + B), seed=cfg.train.seed)
     eps = torch.randn((B, *_img_shape(cfg)), generator=step_generator(cfg.train.seed, nimg, device), device=device)
 
+    step_guard = _step_guard(opt, target_model, device) if mode == "device" else None
     loss_sum = torch.zeros((), device=device)
-    opt.zero_grad(set_to_none=True)
+    if step_guard is not None:
+        step_guard.zero_grads()
+    else:
+        opt.zero_grad(set_to_none=True)
     for rnd in range(accum):
         rows = slice((rnd * world + dist.rank) * per_round, (rnd * world + dist.rank + 1) * per_round)
-        images, labels = load_batch(data, indices[rows])
+        images, labels = _load_rows(data, indices[rows], device)
         x0 = to_model_input(images, device=device, xflip=cfg.data.xflip, flip_mask=flips[rows])
         sync = contextlib.nullcontext() if rnd == accum - 1 or world == 1 else train_model.no_sync()
         with sync:
             loss = consistency_loss(
                 train_model, x0, t[rows], r[rows], eps[rows],
-                class_labels=None if labels is None else labels.to(device), dropout_key=keys[rows],
+                class_labels=labels, dropout_key=keys[rows],
                 target_f=target_model, row_multiple=8 if cfg.train.compile else 1, **loss_kwargs,
             )
             (loss.sum() / (per_round * accum)).backward()
         loss_sum += loss.detach().sum()
 
+    r_over_t = float((r / t).mean())
+    if step_guard is not None:
+        flag = step_guard.step(opt, loss_sum, cfg.optim.grad_clip)  # a StepFlag; no host sync
+        return torch.where(flag.tensor, loss_sum, torch.zeros_like(loss_sum)), r_over_t, flag
+
     grads = [p.grad for p in target_model.net.parameters() if p.grad is not None]
     grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros((), device=device)
-    finite = bool(torch.isfinite(grad_norm).item() and torch.isfinite(loss_sum).item())  # the step's one sync
+    # Gradients are already all-reduced, losses are not: every rank must agree before skipping a step.
+    bad = rt_dist.all_reduce_sum_((~torch.isfinite(grad_norm) | ~torch.isfinite(loss_sum)).float())
+    finite = bool(bad.item() == 0)  # the step's one sync
     if finite:
         if cfg.optim.grad_clip > 0:
             torch._foreach_mul_(grads, torch.clamp(cfg.optim.grad_clip / (grad_norm + 1e-6), max=1.0))
         opt.step()
     else:
         loss_sum = torch.zeros((), device=device)
-    return loss_sum, float((r / t).mean()), finite
+    return loss_sum, r_over_t, finite
 
 
 def set_learning_rate(opt: torch.optim.Optimizer, cfg: RunConfig, nimg: int) -> float:
@@ -250,6 +273,19 @@ def restore(run: RunDir, cfg: RunConfig, net: nn.Module, opt: torch.optim.Optimi
         for avg in ema.averages:  # the averages start from the pretrained weights, not a random net
             torch._foreach_copy_(avg, [v.float() for k, v in net.state_dict().items() if k in ema.names])
     return 0, 0
+
+
+def freeze_unused_parameters(net: nn.Module) -> None:
+    """Stop tracking gradients of parameters the training pass never uses, so DDP does not wait for them.
+
+    DDPM++'s augmentation-label mapping (augment_dim > 0, as in the public EDM CIFAR-10 checkpoints) only runs when
+    augmentation labels are passed, which ECT never does; DDP would otherwise fail on the second step with
+    "Expected to have finished reduction in the prior iteration". The optimiser skips these parameters either way
+    (their gradient stays None), so one process and N processes still train identically.
+    """
+    map_augment = getattr(net, "map_augment", None)
+    if isinstance(map_augment, nn.Module):
+        map_augment.requires_grad_(False)
 
 
 def save_checkpoint(run: RunDir, cfg: RunConfig, net: nn.Module, opt: torch.optim.Optimizer, ema: EMA,
@@ -331,8 +367,21 @@ def check_data_matches(cfg: RunConfig, data: ImageDataset) -> None:
 
 def _wrap_for_training(model: Precond, cfg: RunConfig, dist: rt_dist.Dist,
                        device: torch.device) -> tuple[nn.Module, Precond]:
-    """(student f: compiled and/or DDP-wrapped, target f: the same weights without DDP's gradient hooks)."""
-    target_model = replace_net(model, torch.compile(model.net)) if cfg.train.compile else model
+    """(student f: compiled and/or DDP-wrapped, target f: the same weights without DDP's gradient hooks).
+
+    With cfg.train.compile a single process compiles the whole f_θ (preconditioning + network: the scalings,
+    the bf16 casts and the boundary select fuse with the network's first and last layers); under DDP only the
+    network is compiled. The compiled module shares `model`'s parameters, so the optimiser, EMA and
+    checkpoints (which hold `model.net`) are unaffected. Expect one graph for the student pass (batch fixed)
+    and one for the target pass (its batch size varies with the number of r > 0 rows, so torch.compile
+    marks it dynamic after the second size).
+    """
+    if cfg.train.compile and dist.world_size == 1:
+        target_model = torch.compile(model)  # an OptimizedModule: .net, .compute_dtype etc. reach `model`
+    elif cfg.train.compile:
+        target_model = replace_net(model, torch.compile(model.net))
+    else:
+        target_model = model
     train_model: nn.Module = target_model
     if dist.world_size > 1:
         train_model = nn.parallel.DistributedDataParallel(
@@ -380,3 +429,62 @@ def _memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+# ------------------------------------------------------------------------------------------- fast path helpers
+
+
+def _guard_mode(guard: str, device: torch.device, world_size: int) -> str:
+    """"device" (skip non-finite steps on the GPU, no host sync) for one CUDA process, else "sync"."""
+    if guard == "auto":
+        return "device" if device.type == "cuda" and world_size == 1 else "sync"
+    if guard not in ("sync", "device"):
+        raise ValueError(f"guard must be 'auto', 'sync' or 'device', got {guard!r}")
+    if guard == "device" and world_size > 1:
+        raise ValueError("guard='device' is single-process only (DDP manages the .grad tensors); use 'sync'")
+    return guard
+
+
+def _step_guard(opt: torch.optim.Optimizer, target_model: nn.Module, device: torch.device):
+    """The optimiser's DeviceStepGuard, made on first use (kept on the optimiser object, not in its state_dict)."""
+    from ..runtime.perf import DeviceStepGuard, make_state_capturable
+
+    params = [p for p in target_model.net.parameters() if p.requires_grad]
+    guard = getattr(opt, "_ectune_step_guard", None)
+    if guard is None or len(guard.params) != len(params) or any(a is not b for a, b in zip(guard.params, params)):
+        make_state_capturable(opt, device)  # step counters on the GPU, so the skip needs no host sync
+        guard = DeviceStepGuard(params)
+        opt._ectune_step_guard = guard
+    return guard
+
+
+_RESIDENT_MAX_FRACTION = 0.2  # keep a dataset on the GPU only if it takes at most this share of its memory
+
+
+def _load_rows(data: ImageDataset, indices: Tensor, device: torch.device) -> tuple[Tensor, Tensor | None]:
+    """uint8 images and labels of `indices`, on `device`. On CUDA a dataset that fits easily is copied to the GPU
+    once and gathered there (no per-step host gather or pageable copy); otherwise `load_batch` on the host."""
+    resident = _resident_data(data, device)
+    if resident is None:
+        images, labels = load_batch(data, indices)
+        return images, None if labels is None else labels.to(device)
+    images_dev, labels_dev = resident
+    if indices.ndim != 1 or indices.dtype != torch.int64:
+        raise ValueError(f"indices must be an int64 vector, got {indices.dtype} {tuple(indices.shape)}")
+    idx = indices.to(device, non_blocking=True)
+    return images_dev.index_select(0, idx), None if labels_dev is None else labels_dev.index_select(0, idx)
+
+
+def _resident_data(data: ImageDataset, device: torch.device) -> tuple[Tensor, Tensor | None] | None:
+    if device.type != "cuda":
+        return None
+    cached = data.__dict__.get("_ectune_resident")
+    if cached is not None and cached[0] == device and cached[1] is data.images:
+        return cached[2], cached[3]
+    nbytes = data.images.numel() * data.images.element_size()
+    if nbytes > _RESIDENT_MAX_FRACTION * torch.cuda.get_device_properties(device).total_memory:
+        return None
+    images = data.images.to(device)
+    labels = None if data.labels is None else data.labels.to(device)
+    data.__dict__["_ectune_resident"] = (device, data.images, images, labels)
+    return images, labels

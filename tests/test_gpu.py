@@ -1,0 +1,436 @@
+"""The CUDA fast path: bf16 vs fp32, compiled vs eager, keyed dropout under torch.compile, the device-side
+non-finite guard and throughput.py.
+
+Tests marked `gpu` need a CUDA device and skip cleanly without one (benchmarks/gpu_check.sh runs them on a GPU
+machine). The unmarked tests exercise the same helpers on the CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from ectune.losses import consistency_loss, objective_loss_kwargs
+from ectune.model import build_model
+from ectune.nets import SMALL_CONFIGS
+from ectune.presets import get_preset
+from ectune.runtime import distributed as rt_dist
+from ectune.runtime.perf import DeviceStepGuard, StepFlag, forward_flops, make_state_capturable, matmul_peak_tflops
+from ectune.training import loop
+
+ROOT = Path(__file__).resolve().parents[1]
+HAS_CUDA = torch.cuda.is_available()
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+
+
+def small_cfg(channels: int = 3, dropout: float = 0.2, precision: str = "fp32", compile: bool = False, batch: int = 16):
+    cfg = get_preset("cifar10", "tune")
+    net = replace(SMALL_CONFIGS["small"], img_channels=channels, dropout=dropout, attn_resolutions=(16,))
+    return replace(cfg, net=net, train=replace(cfg.train, batch=batch, precision=precision, compile=compile,
+                                               sample_kimg=0.0))
+
+
+def random_data(cfg, n: int = 64):
+    from ectune.data import ImageDataset
+
+    g = torch.Generator().manual_seed(3)
+    c, res = cfg.net.img_channels, cfg.net.img_resolution
+    return ImageDataset(torch.randint(0, 256, (n, c, res, res), dtype=torch.uint8, generator=g), None, 0, "random")
+
+
+def last_stage_nimg(cfg) -> int:
+    from ectune.losses import stage_nimg
+
+    return int(math.ceil(stage_nimg(cfg.objective, cfg.train.total_kimg * 1000) * (cfg.objective.stages - 1)))
+
+
+def batch(cfg, device, n: int = 16, seed: int = 0, r_frac: float = 0.9):
+    g = torch.Generator().manual_seed(seed)
+    shape = (n, cfg.net.img_channels, cfg.net.img_resolution, cfg.net.img_resolution)
+    x0 = (torch.rand(shape, generator=g) * 2 - 1).to(device)
+    eps = torch.randn(shape, generator=g).to(device)
+    t = torch.exp(torch.randn(n, generator=g) * 1.5 - 0.5)
+    r = torch.where(torch.rand(n, generator=g) < r_frac, t * 0.7, torch.zeros(n))
+    keys = torch.randint(0, 2**31 - 1, (n,), generator=g)
+    return x0, t, r, eps, keys
+
+
+def loss_and_grads(f, params, x0, t, r, eps, keys, **kw):
+    for p in params:
+        p.grad = None
+    loss = consistency_loss(f, x0, t, r, eps, dropout_key=keys, **kw)
+    loss.sum().backward()
+    return loss.detach(), [p.grad.detach().clone() for p in params]
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+# ------------------------------------------------------------------------------------------------- CPU tests
+
+
+def opt_state_snapshot(opt, params):
+    return [p.detach().clone() for p in params] + [
+        v.detach().clone() for p in params for v in opt.state.get(p, {}).values() if isinstance(v, torch.Tensor)]
+
+
+@pytest.mark.parametrize("kind", ["radam", "adam", "adam-fused"])
+def test_device_guard_matches_plain_step_and_skips_bad_steps(kind):
+    torch.manual_seed(0)
+    net_a = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+    net_b = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+    net_b.load_state_dict(net_a.state_dict())
+
+    def make(net):
+        if kind == "radam":
+            return torch.optim.RAdam(net.parameters(), lr=1e-2, foreach=True)
+        return torch.optim.Adam(net.parameters(), lr=1e-2, fused=kind == "adam-fused")
+
+    opt_a, opt_b = make(net_a), make(net_b)
+    guard = DeviceStepGuard(net_b.parameters())
+    x = torch.randn(9, 5)
+    for step in range(8):  # rho_t > 5 from step 6 on: RAdam's adaptive branch is covered too
+        bad = step in (1, 4)
+        opt_a.zero_grad(set_to_none=True)
+        guard.zero_grads()
+        la, lb = net_a(x).square().sum(), net_b(x).square().sum()
+        la.backward()
+        if bad:
+            lb = lb * float("nan")
+        lb.backward()
+        assert guard.grads_attached()  # autograd accumulated into the flat buffer
+        before = opt_state_snapshot(opt_b, list(net_b.parameters()))
+        flag = guard.step(opt_b, lb.detach())
+        assert isinstance(flag, StepFlag) and bool(flag) is (not bad)
+        if bad:
+            after = opt_state_snapshot(opt_b, list(net_b.parameters()))
+            assert len(after) == len(before) and all(torch.equal(u, v) for u, v in zip(before, after))
+        else:
+            opt_a.step()
+            for pa, pb in zip(net_a.parameters(), net_b.parameters()):
+                assert torch.equal(pa, pb)
+    assert guard.sync_steps <= 1  # only the non-fused optimisers' first step (no state yet) reads the host
+
+
+def test_device_guard_grad_clip_matches_reference():
+    torch.manual_seed(0)
+    net = nn.Linear(4, 4)
+    ref = nn.Linear(4, 4)
+    ref.load_state_dict(net.state_dict())
+    opt, opt_ref = torch.optim.SGD(net.parameters(), lr=0.1), torch.optim.SGD(ref.parameters(), lr=0.1)
+    guard = DeviceStepGuard(net.parameters())
+    guard.zero_grads()
+    x = torch.randn(3, 4) * 100
+    (net(x).square().sum()).backward()
+    ref(x).square().sum().backward()
+    grads = [p.grad for p in ref.parameters()]
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    torch._foreach_mul_(grads, torch.clamp(1.0 / (norm + 1e-6), max=1.0))
+    opt_ref.step()
+    assert bool(guard.step(opt, torch.zeros(()), grad_clip=1.0))
+    for a, b in zip(net.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_make_state_capturable_is_cuda_only():
+    opt = torch.optim.RAdam([nn.Parameter(torch.zeros(3))])
+    assert make_state_capturable(opt, torch.device("cpu")) is False
+    assert opt.param_groups[0]["capturable"] is False
+
+
+def tiny_train_cfg(**train_kw):
+    cfg = get_preset("fashion-mnist", "tune")
+    net = replace(SMALL_CONFIGS["tiny"], model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(8,),
+                  dropout=0.1)
+    t = dict(total_kimg=0.064, batch=8, status_kimg=0.032, save_kimg=0.064, sample_kimg=0.0)
+    t.update(train_kw)
+    return replace(cfg, net=net, train=replace(cfg.train, **t))
+
+
+def run_steps(cfg, guard: str, steps: int, poison_step: int = -1):
+    device = torch.device("cpu")
+    data = random_data(cfg, 32)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    opt = loop.make_optimizer(cfg, list(model.net.parameters()), device)
+    kw = objective_loss_kwargs(cfg.objective, data_dim=cfg.net.img_resolution**2, sigma_data=0.5)
+    nimg, flags, losses = last_stage_nimg(cfg), [], []
+    p0 = next(model.net.parameters())
+    for i in range(steps):
+        hook = p0.register_hook(lambda g: g * float("nan")) if i == poison_step else None
+        before = opt_state_snapshot(opt, list(model.net.parameters()))
+        loss_sum, _, flag = loop.training_step(model, model, opt, data, cfg, nimg, rt_dist.Dist(), device, kw, guard=guard)
+        if hook is not None:
+            hook.remove()
+            after = opt_state_snapshot(opt, list(model.net.parameters()))
+            assert all(torch.equal(u, v) for u, v in zip(before, after)), "a bad step changed the state"
+            assert float(loss_sum) == 0.0
+        flags.append(bool(flag))
+        losses.append(float(loss_sum))
+        nimg += cfg.train.batch
+    return model, opt, flags, losses
+
+
+def test_training_step_device_guard_equals_sync_guard_on_cpu():
+    cfg = tiny_train_cfg()
+    m_sync, _, f_sync, l_sync = run_steps(cfg, "sync", 4, poison_step=2)
+    m_dev, opt_dev, f_dev, l_dev = run_steps(cfg, "device", 4, poison_step=2)
+    assert f_sync == f_dev == [True, True, False, True]
+    assert l_sync == l_dev
+    for (k, a), b in zip(m_sync.net.state_dict().items(), m_dev.net.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert opt_dev._ectune_step_guard.sync_steps == 1  # RAdam's first step only (on the CPU its counter is host-side)
+
+
+def test_training_step_rejects_unknown_guard():
+    with pytest.raises(ValueError, match="guard must be"):
+        loop._guard_mode("maybe", torch.device("cpu"), 1)
+    with pytest.raises(ValueError, match="single-process"):
+        loop._guard_mode("device", torch.device("cpu"), 2)
+    assert loop._guard_mode("auto", torch.device("cpu"), 1) == "sync"
+    assert loop._guard_mode("auto", torch.device("cuda"), 1) == "device"
+    assert loop._guard_mode("auto", torch.device("cuda"), 2) == "sync"
+
+
+def test_train_counts_and_stops_on_bad_steps_with_device_guard(tmp_path, monkeypatch):
+    """train() consumes StepFlags like bools: bad steps are counted and it stops after max_bad_steps in a row."""
+    from ectune.data import ImageDataset
+
+    monkeypatch.setattr(loop, "_guard_mode", lambda guard, device, world: "device")
+    real_loss = loop.consistency_loss
+    monkeypatch.setattr(loop, "consistency_loss", lambda *a, **k: real_loss(*a, **k) * float("nan"))
+    imgs = torch.randint(0, 256, (64, 1, 28, 28), dtype=torch.uint8)
+    monkeypatch.setattr(loop, "open_dataset", lambda cfg: ImageDataset(
+        torch.nn.functional.pad(imgs, (2, 2, 2, 2)).contiguous(), None, 0, "random 1x32x32"))
+    cfg = tiny_train_cfg(max_bad_steps=3, total_kimg=0.08)
+    with pytest.raises(loop.TrainingError, match="3 consecutive steps"):
+        loop.train(cfg, tmp_path / "run", show_progress=False)
+
+
+def test_perf_helpers_on_cpu():
+    assert matmul_peak_tflops("cpu", n=64, iters=2, warmup=1) > 0
+    lin = nn.Linear(8, 4, bias=False)
+    assert forward_flops(lin, torch.randn(3, 8)) == 2 * 3 * 8 * 4
+    flag = StepFlag(torch.tensor(False))
+    assert flag.ready() and not bool(flag)
+
+
+def test_throughput_no_cuda_message():
+    if HAS_CUDA:
+        pytest.skip("this machine has CUDA")
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "throughput.py")], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and "no CUDA device" in out.stdout
+
+
+def test_throughput_allow_cpu_runs_every_mode(tmp_path):
+    if HAS_CUDA:
+        pytest.skip("--allow-cpu only chooses the CPU where there is no CUDA device")
+    log = tmp_path / "t.jsonl"
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--allow-cpu", "--out", str(log)],
+                         capture_output=True, text=True, timeout=600, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    recs = {r["mode"]: r for r in map(json.loads, log.read_text().splitlines())}
+    for mode in ("fp32", "bf16", "fast"):
+        r = recs[mode]
+        assert r["img_per_s"] > 0 and 0 < r["mfu"] and r["params"] > 0 and r["skipped_steps"] == 0, r
+        assert {"s_per_step", "peak_mem_gb", "compile_s", "gpu", "torch", "batch"} <= set(r)
+    assert recs["fast"]["loss"] == recs["bf16"]["loss"]  # same maths, same draws
+    assert recs["sample-1step-eager"]["img_per_s"] > 0 and recs["total"]["failures"] == 0
+    assert "skipped" in recs["bf16+compile"]
+
+
+# ------------------------------------------------------------------------------------------------- GPU tests
+
+
+@gpu
+@needs_cuda
+def test_bf16_loss_and_grads_match_fp32():
+    dev = torch.device("cuda")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    cfg = small_cfg()
+    torch.manual_seed(0)
+    m32 = build_model(cfg).to(dev).train()
+    m16 = build_model(cfg, compute_dtype=torch.bfloat16).to(dev).train()
+    m16.load_state_dict(m32.state_dict())
+    args = batch(cfg, dev)
+    kw = dict(weighting="inv_dt", p=0.5, c=0.0)
+    l32, g32 = loss_and_grads(m32, list(m32.parameters()), *args, **kw)
+    l16, g16 = loss_and_grads(m16, list(m16.parameters()), *args, **kw)
+    assert l16.dtype == torch.float32 and torch.isfinite(l16).all()
+    assert rel(l16, l32) < 3e-2
+    assert rel(torch.cat([g.flatten() for g in g16]), torch.cat([g.flatten() for g in g32])) < 5e-2
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_compiled_step_equals_eager_step(precision):
+    dev = torch.device("cuda")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch._dynamo.reset()
+    cfg = small_cfg(precision=precision)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    torch.manual_seed(0)
+    eager = build_model(cfg, compute_dtype=dtype).to(dev).train()
+    comp_model = build_model(cfg, compute_dtype=dtype).to(dev).train()
+    comp_model.load_state_dict(eager.state_dict())
+    _, compiled = loop._wrap_for_training(comp_model, replace(cfg, train=replace(cfg.train, compile=True)),
+                                          rt_dist.Dist(), dev)
+    for seed in range(2):  # two target sizes: the dynamic-shape target graph is exercised too
+        args = batch(cfg, dev, seed=seed, r_frac=0.5 + 0.3 * seed)
+        kw = dict(weighting="inv_dt", p=0.5, c=0.0, row_multiple=8)
+        le, ge = loss_and_grads(eager, list(eager.parameters()), *args, **kw)
+        lc, gc = loss_and_grads(compiled, list(comp_model.parameters()), *args, **kw)
+        tol = 1e-3 if precision == "fp32" else 3e-2
+        assert rel(lc, le) < tol
+        assert rel(torch.cat([g.flatten() for g in gc]), torch.cat([g.flatten() for g in ge])) < 5 * tol
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_same_dropout_mask_under_compile(precision):
+    """With r = t the student and target see the same input; with the same keyed mask the ECT loss is ~0,
+    with different masks it is not."""
+    dev = torch.device("cuda")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch._dynamo.reset()
+    cfg = small_cfg(dropout=0.3, precision=precision)
+    torch.manual_seed(0)
+    model = build_model(cfg, compute_dtype=torch.bfloat16 if precision == "bf16" else torch.float32).to(dev).train()
+    _, f = loop._wrap_for_training(model, replace(cfg, train=replace(cfg.train, compile=True)), rt_dist.Dist(), dev)
+    x0, t, _, eps, keys = batch(cfg, dev)
+    kw = dict(weighting="one", p=0.0, c=0.0)
+    same = consistency_loss(f, x0, t, t.clone(), eps, dropout_key=keys, **kw)
+    other_keys = keys + 12345
+
+    def other_mask_target(x, s, labels=None, *, dropout_key=None):
+        return f(x, s, labels, dropout_key=other_keys.to(dropout_key.device)[: x.shape[0]])
+
+    differ = consistency_loss(f, x0, t, t.clone(), eps, dropout_key=keys, target_f=other_mask_target, **kw)
+    ratio = float(same.mean() / differ.mean())
+    assert ratio < (1e-4 if precision == "fp32" else 5e-2), ratio
+
+
+class CountingTarget(nn.Module):
+    """Wraps the target f (compiled or not) and records the rows of every call."""
+
+    def __init__(self, f) -> None:
+        super().__init__()
+        self.f = f
+        self.rows: list[int] = []
+
+    @property
+    def net(self):
+        return self.f.net
+
+    def forward(self, x, sigma, labels=None, *, dropout_key=None):
+        assert not torch.is_grad_enabled()
+        self.rows.append(int(x.shape[0]))
+        out = self.f(x, sigma, labels, dropout_key=dropout_key)
+        assert out.dtype == torch.float32
+        return out
+
+
+@gpu
+@needs_cuda
+def test_r_zero_rows_skip_target_pass_and_no_bf16_reaches_the_loss():
+    dev = torch.device("cuda")
+    torch._dynamo.reset()
+    cfg = small_cfg(precision="bf16", compile=True)
+    torch.manual_seed(0)
+    model = build_model(cfg, compute_dtype=torch.bfloat16).to(dev).train()
+    train_f, target_f = loop._wrap_for_training(model, cfg, rt_dist.Dist(), dev)
+    counter = CountingTarget(target_f)
+    x0, t, r, eps, keys = batch(cfg, dev, r_frac=0.4)
+    need = int((r > 0).sum())
+    assert 0 < need < len(r)
+
+    def student(x, sigma, labels=None, *, dropout_key=None):
+        out = train_f(x, sigma, labels, dropout_key=dropout_key)
+        assert out.dtype == torch.float32, out.dtype
+        return out
+
+    loss = consistency_loss(student, x0, t, r, eps, dropout_key=keys, target_f=counter, row_multiple=8)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss).all()
+    assert counter.rows == [min(-(-need // 8) * 8, len(r))]
+    counter.rows.clear()
+    consistency_loss(student, x0, t, torch.zeros_like(r), eps, dropout_key=keys, target_f=counter, row_multiple=8)
+    assert counter.rows == []  # pure diffusion: the target pass never runs
+
+
+@gpu
+@needs_cuda
+def test_device_guard_on_cuda_skips_bad_steps_without_host_sync():
+    dev = torch.device("cuda")
+    torch._dynamo.reset()
+    cfg = small_cfg(precision="bf16", compile=True)
+    data = random_data(cfg)
+    torch.manual_seed(0)
+    model = build_model(cfg, compute_dtype=torch.bfloat16).to(dev)
+    opt = loop.make_optimizer(cfg, list(model.net.parameters()), dev)
+    train_f, target_f = loop._wrap_for_training(model, cfg, rt_dist.Dist(), dev)
+    kw = objective_loss_kwargs(cfg.objective, data_dim=3 * 32 * 32, sigma_data=0.5)
+    model.train()
+    nimg = last_stage_nimg(cfg)
+    args = (train_f, target_f, opt, data, cfg)
+    for _ in range(3):  # warm-up: compile, first optimiser step (creates the state), dynamic target graph
+        _, _, flag = loop.training_step(*args, nimg, rt_dist.Dist(), dev, kw)
+        assert isinstance(flag, StepFlag) and bool(flag)
+        nimg += cfg.train.batch
+    assert opt.param_groups[0]["capturable"] and all(s["step"].is_cuda for s in opt.state.values())
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss_sum, _, flag = loop.training_step(*args, nimg, rt_dist.Dist(), dev, kw)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert bool(flag) and float(loss_sum) > 0
+    nimg += cfg.train.batch
+    before = opt_state_snapshot(opt, list(model.net.parameters()))
+    p0 = next(model.net.parameters())
+    hook = p0.register_hook(lambda g: g * float("nan"))
+    loss_sum, _, flag = loop.training_step(*args, nimg, rt_dist.Dist(), dev, kw)
+    hook.remove()
+    assert not bool(flag) and float(loss_sum) == 0.0
+    after = opt_state_snapshot(opt, list(model.net.parameters()))
+    assert all(torch.equal(u, v) for u, v in zip(before, after))
+
+
+@gpu
+@needs_cuda
+def test_dataset_resident_on_gpu_gives_the_same_batch():
+    from ectune.data import load_batch
+
+    cfg = small_cfg()
+    data = random_data(cfg)
+    idx = torch.tensor([5, 3, 3, 60, 0])
+    images, labels = loop._load_rows(data, idx, torch.device("cuda"))
+    assert images.is_cuda and labels is None
+    assert torch.equal(images.cpu(), load_batch(data, idx)[0])
+
+
+@gpu
+@needs_cuda
+def test_throughput_script_smoke_on_gpu(tmp_path):
+    log = tmp_path / "t.jsonl"
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--preset", "fashion-mnist",
+                          "--batch", "32", "--modes", "bf16,sample", "--warmup", "2", "--steps", "2",
+                          "--sample-batch", "64", "--out", str(log)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    recs = {r["mode"]: r for r in map(json.loads, log.read_text().splitlines())}
+    assert recs["bf16"]["img_per_s"] > 0 and recs["sample-1step-eager"]["img_per_s"] > 0

@@ -54,6 +54,9 @@ def consistency_loss(
     if dropout_key is None:
         # Both passes must share one mask: keys make the mask a function of the row, not of the RNG stream.
         dropout_key = torch.randint(0, 2**31 - 1, (n,), dtype=torch.int64, device=device)
+    dropout_key = dropout_key.to(device)
+    if class_labels is not None:
+        class_labels = class_labels.to(device)
     rows = _target_rows(r, row_multiple)
     t_dev, r_dev = t.to(device, torch.float32), r.to(device, torch.float32)
     bcast = (-1,) + (1,) * (x0.ndim - 1)

@@ -43,12 +43,13 @@ _M1, _M2, _GOLDEN = _as_i32(0x7FEB352D), _as_i32(0x846CA68B), 0x9E3779B9
 
 def keyed_uniform(key: Tensor, salt: int, shape: torch.Size, device: torch.device) -> Tensor:
     """Uniform [0, 1) numbers (24-bit) of `shape` = (N, ...) where row n depends only on (key[n], salt):
-    u = lowbias32(seed(key, salt) + golden·position) >> 8 / 2**24."""
+    u = lowbias32(seed(key, salt) + lowbias32(position)) >> 8 / 2**24."""
     per_row = int(torch.Size(shape[1:]).numel())
     seed = hash32((key.to(device=device, dtype=torch.int64) & _MASK32) ^ ((salt * _GOLDEN) & _MASK32))
     seed = torch.where(seed >= (1 << 31), seed - (1 << 32), seed).to(torch.int32)
-    pos = (torch.arange(per_row, device=device, dtype=torch.int64) * _GOLDEN) & _MASK32
-    pos = torch.where(pos >= (1 << 31), pos - (1 << 32), pos).to(torch.int32)
+    # Positions are hashed before any multiplication by a large constant: inductor folds affine maths on an
+    # arange into Triton index expressions, where constants beyond int32 are rejected at compile time.
+    pos = _hash32_i32(torch.arange(per_row, device=device, dtype=torch.int32))
     h = _hash32_i32(seed[:, None] + pos[None, :])
     return (((h >> 8) & 0xFFFFFF).to(torch.float32) * (1.0 / (1 << 24))).reshape(shape)
 
@@ -57,7 +58,7 @@ def keyed_uniform_reference(key: Tensor, salt: int, shape: torch.Size) -> Tensor
     """The same numbers as `keyed_uniform`, computed in int64 (for tests of the int32 fast path)."""
     per_row = int(torch.Size(shape[1:]).numel())
     seed = hash32((key.to(torch.int64) & _MASK32) ^ ((salt * _GOLDEN) & _MASK32))
-    pos = (torch.arange(per_row, dtype=torch.int64) * _GOLDEN) & _MASK32
+    pos = hash32(torch.arange(per_row, dtype=torch.int64))
     h = hash32((seed[:, None] + pos[None, :]) & _MASK32)
     return ((h >> 8).to(torch.float32) * (1.0 / (1 << 24))).reshape(shape)
 

@@ -114,7 +114,8 @@ def test_two_processes_equal_one(tmp_path: Path) -> None:
     one_pre, one_tune, two_pre, two_tune = (tmp_path / n for n in ("1-pretrain", "1-tune", "2-pretrain", "2-tune"))
     assert main([*PRETRAIN, "--run", str(one_pre)]) == 0
     init = ["--init", str(one_pre / "model.safetensors")]  # both tunes start from the same weights
-    spec = dict(commands=[[*PRETRAIN, "--run", str(two_pre)], [*TUNE, *init, "--run", str(two_tune)]],
+    spec = dict(commands=[[*PRETRAIN, "--run", str(two_pre)], [*TUNE, *init, "--run", str(two_tune)],
+                          ["sample", str(two_tune), "--n", str(SEEDS), "--out", str(tmp_path / "cli-2.npz")]],
                 model=str(two_tune), seeds=SEEDS, samples=str(tmp_path / "samples-2.pt"),
                 disagreement=str(tmp_path / "disagreement.txt"))
     proc = _torchrun(tmp_path, spec)
@@ -138,6 +139,14 @@ def test_two_processes_equal_one(tmp_path: Path) -> None:
     model, cfg, _ = load_model(one_tune)
     torch.testing.assert_close(torch.load(tmp_path / "samples-2.pt", weights_only=True),
                                sample_images(model, cfg, torch.arange(SEEDS), steps=1), atol=1e-4, rtol=1e-4)
+    # `ectune sample` under torchrun: each rank sampled its slice of the seeds, rank 0 wrote them all in order.
+    import numpy as np
+
+    from ectune.sampling import to_uint8
+
+    cli = torch.from_numpy(np.load(tmp_path / "cli-2.npz")["arr_0"]).permute(0, 3, 1, 2)
+    single = to_uint8(sample_images(model, cfg, torch.arange(SEEDS), steps=1))
+    assert cli.shape == single.shape and (cli.int() - single.int()).abs().max() <= 1
     assert (tmp_path / "disagreement.txt").read_text().startswith("ranks disagree on the images seen: rank 0 has 0")
     print("max |1-process - 2-process|:", report)
 

@@ -122,19 +122,25 @@ def cmd_sample(command: str, rest: Sequence[str]) -> int:
     from .sampling import to_uint8
     from .training.loop import resolve_device
 
-    device = resolve_device(a.device)
+    from .runtime import distributed as rt_dist
+
+    device = resolve_device(a.device, int(os.environ.get("LOCAL_RANK", "0")))
+    dist = rt_dist.init_distributed(device.type)  # under torchrun each rank samples a slice of the seeds
     model, cfg, extra = load_model(a.model, device=device)
     seeds = torch.arange(a.seed, a.seed + a.n)
-    labels = None
-    if a.class_label is not None:
-        if not 0 <= a.class_label < max(cfg.net.label_dim, 1) or cfg.net.label_dim == 0:
-            raise ValueError(f"--class {a.class_label}: the model has {cfg.net.label_dim} classes")
-        labels = torch.full((a.n,), a.class_label)
-    mid_t = a.mid_t if a.mid_t is not None else extra.get("mid_t")
-    images = sample_images(model, cfg, seeds, steps=a.steps, mid_t=mid_t, method=a.method, class_labels=labels,
-                           batch=a.batch, device=device)
-    out = save_images(to_uint8(images), a.out)
-    print(f"wrote {a.n} samples ({a.method}, {a.steps if a.method == 'consistency' else cfg.sample.heun_steps} steps) to {out}")
+    if cfg.net.label_dim == 0 and a.class_label is not None:
+        raise ValueError(f"--class {a.class_label}: the model is unconditional")
+    if a.class_label is not None and not 0 <= a.class_label < cfg.net.label_dim:
+        raise ValueError(f"--class {a.class_label}: the model has {cfg.net.label_dim} classes (0..{cfg.net.label_dim - 1})")
+    labels = None if a.class_label is None else torch.full((a.n,), a.class_label)
+    mine = rt_dist.rank_seeds(torch.arange(a.n), dist.rank, dist.world_size)  # positions of this rank's samples
+    images = sample_images(model, cfg, seeds[mine], steps=a.steps, mid_t=a.mid_t, method=a.method,
+                           class_labels=None if labels is None else labels[mine], batch=a.batch, device=device)
+    images = rt_dist.all_gather_cat(to_uint8(images))
+    if dist.is_main:
+        out = save_images(images, a.out)
+        steps = a.steps if a.method == "consistency" else cfg.sample.heun_steps
+        print(f"wrote {a.n} samples ({a.method}, {steps} steps, {dist.world_size} process(es)) to {out}")
     return 0
 
 

@@ -34,7 +34,7 @@ def _fashion_mnist(mode: Mode) -> RunConfig:
             net=net, data=data, sample=sample, objective=PRETRAIN_OBJECTIVE,
             optim=OptimConfig(name="radam", lr=1e-3, betas=(0.9, 0.99)),
             ema=EMAConfig(kind="halflife", halflife_kimg=10.0),
-            train=TrainConfig(total_kimg=96.0, batch=64, status_kimg=4.0, save_kimg=16.0, sample_kimg=48.0),
+            train=TrainConfig(total_kimg=48.0, batch=64, status_kimg=4.0, save_kimg=8.0, sample_kimg=48.0),
         )
     return RunConfig(
         net=net, data=data, sample=sample,
@@ -42,7 +42,7 @@ def _fashion_mnist(mode: Mode) -> RunConfig:
         objective=ObjectiveConfig(kind="ect", P_mean=-1.1, P_std=2.0, q=4.0, stages=2, weighting="inv_dt", p=0.5, c=0.0),
         optim=OptimConfig(name="radam", lr=2e-4, betas=(0.9, 0.99)),
         ema=EMAConfig(kind="halflife", halflife_kimg=5.0),
-        train=TrainConfig(total_kimg=48.0, batch=64, status_kimg=4.0, save_kimg=8.0, sample_kimg=24.0),
+        train=TrainConfig(total_kimg=24.0, batch=64, status_kimg=4.0, save_kimg=8.0, sample_kimg=24.0),
     )
 
 

@@ -23,6 +23,15 @@ class TinyNet(nn.Module):
         return self.out(self.drop(h, dropout_key))
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread per test: on a 2-core machine shared with other work, 2 OpenMP threads can thrash."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def tiny_net():
     torch.manual_seed(0)

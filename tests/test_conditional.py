@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch
@@ -23,12 +22,6 @@ from ectune.training.loop import train
 from test_training import TINY, needs_fmnist, tiny
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 class LabelRecorder:

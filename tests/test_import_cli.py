@@ -9,7 +9,7 @@ import json
 import pickle
 import sys
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -23,12 +23,6 @@ from test_import_edm import _SystemCall, booby_trap, fake_edm, randomised, write
 from test_training import needs_fmnist
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 EDM_KWARGS = dict(img_resolution=32, img_channels=1, label_dim=0, model_type="SongUNet", dropout=0.13,

@@ -26,13 +26,6 @@ from ectune.nets import SMALL_CONFIGS, build_net
 from ectune.nets.dropout import KeyedDropout
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """One intra-op thread: on a shared 2-core machine, 2 OpenMP threads thrash (100x slower) under load."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 FAKE_MODULES = {

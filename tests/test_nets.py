@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Iterator
 
 import pytest
 import torch
@@ -16,13 +15,6 @@ from ectune.nets.edm2 import MPConv
 from ectune.nets.layers import attention_heads
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """One intra-op thread: on a shared 2-core machine, 2 OpenMP threads thrash (100x slower) under load."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 TINY = {

@@ -8,13 +8,11 @@ import subprocess
 import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
 
 from ectune.cli import main
-from ectune.config import DataConfig, TrainConfig
 from ectune.data.idx import fashion_mnist_dirs
 from ectune.nets import SMALL_CONFIGS
 from ectune.presets import get_preset

@@ -8,12 +8,13 @@ uninterrupted one and the result does not depend on the number of processes.
 from __future__ import annotations
 
 import contextlib
+import os
 import math
 import resource
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -31,6 +32,9 @@ from ..sampling import to_uint8
 from ..schedules import ect_stage, learning_rate
 from .report import Reporter
 from .rundir import RunDir
+
+if TYPE_CHECKING:
+    from ..runtime.perf import StepFlag
 
 
 class TrainingError(RuntimeError):
@@ -360,7 +364,7 @@ def check_data_matches(cfg: RunConfig, data: ImageDataset) -> None:
         raise ValueError(f"the network is conditioned on {net.label_dim} classes but {data.description} has {have} "
                          "(set --data.use-labels, or --net.label-dim 0 for an unconditional model)")
     B, accum = cfg.train.batch, cfg.train.accum
-    world = int(__import__("os").environ.get("WORLD_SIZE", "1"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     if B % (accum * world):
         raise ValueError(f"--train.batch {B} must be divisible by --train.accum × processes = {accum} × {world}")
 

@@ -122,3 +122,13 @@ def test_keyed_dropout_fast_path_matches_int64_reference_and_is_uniform():
     assert abs(u.mean().item() - 0.5) < 1e-3 and abs(u.std().item() - 12**-0.5) < 1e-3
     assert not torch.equal(u[0], u[1])
     assert not torch.equal(keyed_uniform(key, 8, shape, torch.device("cpu")), fast)  # salt matters
+
+
+def test_keyed_dropout_compiles_to_the_same_numbers():
+    """torch.compile (inductor, here its CPU backend) must reproduce the eager/int64 masks bit for bit."""
+    from ectune.nets.dropout import keyed_uniform, keyed_uniform_reference
+
+    key = torch.tensor([3, 2**31 - 2, 77])
+    shape = torch.Size([3, 64, 16, 16])
+    compiled = torch.compile(keyed_uniform, dynamic=False)(key, 5, shape, torch.device("cpu"))
+    assert torch.equal(compiled, keyed_uniform_reference(key, 5, shape))

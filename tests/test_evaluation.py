@@ -185,7 +185,7 @@ def test_evaluate_in_training_record(tiny_model, fake_extractor):
 
 
 def test_distributed_split_matches_one_process(tiny_model, fake_extractor, monkeypatch):
-    """Two simulated ranks (seeds[r::2], statistics summed) give the one-process FD and PR features."""
+    """Two simulated ranks (contiguous seed shares, statistics summed) give the one-process FD and PR features."""
     from ectune.model import load_model
     from ectune.metrics import fd_from_stats
 

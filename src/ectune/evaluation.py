@@ -5,7 +5,7 @@ evaluation hook of the training loop, and the scaling-law fit of Sec. 4.2.
 Protocol (REFERENCE §6): images are generated from per-sample seeds ``seed, seed+1, ..., seed+n-1`` and compared
 with the feature statistics of the model's own training data. Because sample i depends only on seed i and the
 feature statistics add exactly (``FeatureStats``), splitting the seeds over torch.distributed ranks
-(``seeds[rank::world]``) and all-reducing the statistics gives the same number as one process.
+(contiguous shares, ``rank_seeds``) and all-reducing the statistics gives the same number as one process.
 
 Numbers are reported under the extractor's ``report_name`` ("FD-Lite0" for the offline default): only the
 "inception" extractor gives FID.
@@ -157,36 +157,27 @@ def _generator_stats(
     batch: int,
     keep_features: int = 0,
 ) -> tuple[FeatureStats, Tensor | None]:
-    """Feature statistics of the images for `seeds` (this rank's share: seeds[rank::world]), summed over ranks.
+    """Feature statistics of the images for `seeds` (this rank's contiguous share, `rank_seeds`), summed over ranks.
 
     With ``keep_features`` > 0 also returns the features of the first ``keep_features`` seeds, gathered from all
-    ranks and put back in seed order (for precision/recall), identical to a one-process run.
+    ranks in seed order (for precision/recall), identical to a one-process run.
     """
     rank, world = _dist_info()
-    mine = seeds[rank::world]
+    positions = rt_dist.rank_seeds(torch.arange(len(seeds)), rank, world)
     stats = FeatureStats(extractor.dim, extractor=extractor.name)
     kept: list[Tensor] = []
-    keep_mine = (torch.arange(len(seeds))[rank::world] < keep_features).sum().item()
-    for i in range(0, len(mine), batch):
-        s = mine[i : i + batch]
-        images = sample_images(model, cfg, s, steps=steps, mid_t=mid_t, method=method, batch=batch, device=device)
+    for i in range(0, len(positions), batch):
+        pos = positions[i : i + batch]
+        images = sample_images(model, cfg, seeds[pos], steps=steps, mid_t=mid_t, method=method, batch=batch,
+                               device=device)
         feats = extractor(to_uint8(images))
         stats.update(feats)
-        if i < keep_mine:
-            kept.append(feats[: keep_mine - i].cpu())
+        kept.append(feats[pos < keep_features].cpu())
     stats.all_reduce_()
     if keep_features <= 0:
         return stats, None
-    local = torch.cat(kept) if kept else torch.zeros(0, extractor.dim)
-    if world == 1:
-        return stats, local
-    gathered: list[Any] = [None] * world
-    tdist.all_gather_object(gathered, local)
-    # Rank q held seeds q, q+world, ...: interleave the shares back into seed order.
-    out = torch.zeros(keep_features, extractor.dim)
-    for q, feats_q in enumerate(gathered):
-        out[q::world][: feats_q.shape[0]] = feats_q
-    return stats, out
+    # Contiguous shares concatenated in rank order are the seeds in order.
+    return stats, rt_dist.all_gather_cat(torch.cat(kept) if kept else torch.zeros(0, extractor.dim))
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ def stats_of_generator(
     Args:
         generate: maps int64 seeds [B] to uint8 images [B, C, H, W] (C = 1 or 3), one image per seed.
         seeds: int64 [N], the seeds this process evaluates. Under torch.distributed, give each rank a disjoint
-            share (e.g. ``all_seeds[rank::world_size]``).
+            share (e.g. ``ectune.runtime.distributed.rank_seeds(all_seeds, rank, world)``).
         extractor: feature extractor.
         batch: seeds per ``generate`` call.
         all_reduce: sum the statistics over ranks at the end (no-op when torch.distributed is not

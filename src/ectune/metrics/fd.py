@@ -15,13 +15,14 @@ processes and ranks combine by plain addition: the result does not depend on how
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from ..runtime.checkpoint import atomic_write
 
 __all__ = ["FeatureStats", "frechet_distance"]
 
@@ -136,25 +137,15 @@ class FeatureStats:
         Fields: count, sum [D], sum_outer [D, D], and the strings extractor, key, format.
         """
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        try:
-            # Writing through a file object stops numpy from appending ".npz" to the temporary name.
-            with os.fdopen(fd, "wb") as f:
-                np.savez(
-                    f,
-                    count=np.int64(self.count),
-                    sum=self.sum,
-                    sum_outer=self.sum_outer,
-                    extractor=np.str_(self.extractor),
-                    key=np.str_(self.key),
-                    format=np.int64(_STATS_FORMAT),
-                )
-            # Rename is atomic on POSIX: a reader never sees a half-written cache file.
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(path, lambda f: np.savez(  # a file object: numpy appends no ".npz" to the name
+            f,
+            count=np.int64(self.count),
+            sum=self.sum,
+            sum_outer=self.sum_outer,
+            extractor=np.str_(self.extractor),
+            key=np.str_(self.key),
+            format=np.int64(_STATS_FORMAT),
+        ))
         return path
 
     @classmethod

@@ -8,7 +8,6 @@ uninterrupted one and the result does not depend on the number of processes.
 from __future__ import annotations
 
 import contextlib
-import os
 import math
 import resource
 import time
@@ -101,7 +100,7 @@ def train(
     rt_dist.barrier()
 
     data = open_dataset(cfg.data)
-    check_data_matches(cfg, data)
+    check_data_matches(cfg, data, world_size=dist.world_size)
     torch.manual_seed(cfg.train.seed)  # initial weights (all later randomness is per step, see step_generator)
     model = build_model(cfg, compute_dtype=compute_dtype(cfg.train.precision, device)).to(device)
     net = model.net  # the raw module: saved, averaged, normalised
@@ -350,7 +349,7 @@ class StatsMeter:
         return out
 
 
-def check_data_matches(cfg: RunConfig, data: ImageDataset) -> None:
+def check_data_matches(cfg: RunConfig, data: ImageDataset, *, world_size: int = 1) -> None:
     """The network's image shape and label count must match the data (one clear error otherwise)."""
     net = cfg.net
     if data.channels != net.img_channels or data.resolution != net.img_resolution:
@@ -364,9 +363,8 @@ def check_data_matches(cfg: RunConfig, data: ImageDataset) -> None:
         raise ValueError(f"the network is conditioned on {net.label_dim} classes but {data.description} has {have} "
                          "(set --data.use-labels, or --net.label-dim 0 for an unconditional model)")
     B, accum = cfg.train.batch, cfg.train.accum
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if B % (accum * world):
-        raise ValueError(f"--train.batch {B} must be divisible by --train.accum × processes = {accum} × {world}")
+    if B % (accum * world_size):
+        raise ValueError(f"--train.batch {B} must be divisible by --train.accum × processes = {accum} × {world_size}")
 
 
 def _wrap_for_training(model: Precond, cfg: RunConfig, dist: rt_dist.Dist,

@@ -9,6 +9,8 @@ from typing import Any
 
 from tqdm import tqdm
 
+from ..runtime.checkpoint import atomic_write
+
 
 class Reporter:
     """Collects per-interval statistics and writes them. Every method is a no-op on ranks other than 0."""
@@ -98,7 +100,5 @@ def plot_curves(stats_path: Path, out: Path) -> None:
         ax2.set_ylabel(metric[-1][2])
         ax2.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = out.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    atomic_write(out, lambda f: fig.savefig(f, dpi=100, format="png"))
     plt.close(fig)
-    tmp.replace(out)

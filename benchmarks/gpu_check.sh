@@ -6,7 +6,8 @@
 # Steps (each under `timeout`; a failing step is logged and the next one still runs; ~8 minutes at most):
 #   1. install wheels found in .whl/ (repo root) or benchmarks/.whl/ (--no-index --no-deps), then ectune
 #      itself (pip install -e . --no-deps --no-build-isolation); print nvidia-smi and torch/CUDA versions
-#   2. benchmarks/throughput.py (cifar10 preset, batch 128: fp32/TF32/bf16/compile/fast + 1-step sampling)
+#   2. benchmarks/throughput.py (cifar10 preset, batch 128: fp32/TF32/bf16/compile/fast + 1-step sampling), with
+#      a torch.profiler kernel table per training mode in $OUT/profile/
 #   3. pytest -m gpu tests/test_gpu.py
 #   4. a short real run on Fashion-MNIST through the CLI: `ectune pretrain` then `ectune tune` (batch 256);
 #      Fashion-MNIST is taken from .data/fashion-mnist/ when that folder exists ($ECTUNE_FASHION_MNIST)
@@ -100,7 +101,8 @@ export PYTHONUNBUFFERED=1
 
 # 2. throughput (the numbers the issue asks for) -----------------------------------------------------------------
 rm -f "$OUTDIR/throughput.jsonl"
-step throughput 220 "$PY" benchmarks/throughput.py --budget-s 140 --out "$OUTDIR/throughput.jsonl"
+step throughput 220 "$PY" benchmarks/throughput.py --budget-s 140 --out "$OUTDIR/throughput.jsonl" \
+  --profile "$OUTDIR/profile"
 
 # 3. GPU correctness tests -----------------------------------------------------------------------------------------
 step pytest-gpu 110 "$PY" -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider --junitxml="$OUTDIR/pytest-gpu.xml"

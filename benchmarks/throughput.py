@@ -64,6 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--allow-cpu", action="store_true", help="run tiny sizes on the CPU (tests the code path)")
     p.add_argument("--cpu-compile", action="store_true", help="with --allow-cpu: also run the compiled modes")
     p.add_argument("--out", default="", help="also append the JSON lines to this file")
+    p.add_argument("--profile", default="", help="folder: after timing, profile 3 steps of each training mode and "
+                   "write the kernels that take the most device time to profile-MODE.txt there")
     return p.parse_args(argv)
 
 
@@ -109,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
                 for rec in bench_sampling(args, cfg, device, peak, tiny):
                     emit(args, {**rec, **common, "batch": args.sample_batch})
             else:
-                spec = dict(TRAIN_MODES[mode])
+                spec = dict(TRAIN_MODES[mode], name=mode.replace("+", "-"))
                 if tiny and not args.cpu_compile:
                     spec["compile"] = False
                 emit(args, {**bench_train(args, cfg, data, device, spec, peak), "mode": mode, **common})
@@ -273,6 +275,11 @@ def bench_train(args: argparse.Namespace, cfg, data, device: torch.device, spec:
     pending.clear()
     elapsed = sw.stop()
     graphs_during = _graph_count(counters) - graphs_before
+    if args.profile:
+        profile_steps(one_step, device, os.path.join(args.profile, f"profile-{spec['name']}.txt"))
+        for f in pending:
+            settle(f)
+        pending.clear()
     loss = meter.summary(dist)["loss"]
     peak_gb = peak_memory_gb(device)
 
@@ -291,8 +298,25 @@ def bench_train(args: argparse.Namespace, cfg, data, device: torch.device, spec:
         target_row_fraction=round(rows / (B * args.steps), 3), fwd_gflop_per_img=round(fwd / 1e9, 2),
         start_kimg=round(first_timed / 1000, 1), loss=round(loss, 5), skipped_steps=state["skipped"],
         guard_sync_steps=None if guard is None else guard.sync_steps, graphs_compiled_during_timing=graphs_during,
-        params=count_params(net), **{k: v for k, v in spec.items()},
+        params=count_params(net), **{k: v for k, v in spec.items() if k != "name"},
     )
+
+
+def profile_steps(one_step, device: torch.device, path: str, steps: int = 3) -> None:
+    """torch.profiler over a few steps: the operations and kernels sorted by self device time (CPU time on a CPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            one_step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        f.write(f"{steps} steps; sorted by {key}\n")
+        f.write(prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=70))
 
 
 def bench_sampling(args: argparse.Namespace, cfg, device: torch.device, peak_tflops: float, tiny: bool) -> list[dict]:

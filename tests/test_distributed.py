@@ -51,9 +51,11 @@ LAUNCHER = textwrap.dedent('''
     import torch.distributed as dist
     from ectune.cli import main
     from ectune.model import load_model, sample_images
-    from ectune.runtime.distributed import all_gather_cat, check_same_across_ranks, rank_seeds
+    from ectune.runtime.distributed import all_gather_cat, check_same_across_ranks, rank_seeds, shutdown
 
     spec = json.loads(sys.argv[1])
+    # This process runs several commands, so it owns the group (a command that joins the group leaves it).
+    dist.init_process_group("gloo")
     for argv in spec["commands"]:
         if main(argv) != 0:
             sys.exit(f"rank {dist.get_rank()}: {argv[0]} failed")
@@ -68,7 +70,7 @@ LAUNCHER = textwrap.dedent('''
     if dist.get_rank() == 0:
         torch.save(images, spec["samples"])
         open(spec["disagreement"], "w").write(disagreement or "no error")
-    dist.destroy_process_group()
+    shutdown()
 ''')
 
 
@@ -149,6 +151,20 @@ def test_two_processes_equal_one(tmp_path: Path) -> None:
     assert cli.shape == single.shape and (cli.int() - single.int()).abs().max() <= 1
     assert (tmp_path / "disagreement.txt").read_text().startswith("ranks disagree on the images seen: rank 0 has 0")
     print("max |1-process - 2-process|:", report)
+
+
+@needs_fmnist
+def test_cli_under_torchrun_exits_cleanly(tmp_path: Path) -> None:
+    """The user's path: each command its own torchrun job. The command leaves the process group itself, so no
+    rank aborts at interpreter exit after the work is done (which torchrun would report as a failed run)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{_free_port()}", "-m", "ectune.cli",
+           *PRETRAIN, "--run-dir", str(tmp_path / "run")]
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "terminate called" not in proc.stderr
+    assert (tmp_path / "run" / "model.safetensors").exists()
 
 
 def test_rank_seeds_partition_in_order() -> None:

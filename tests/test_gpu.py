@@ -237,7 +237,8 @@ def test_throughput_allow_cpu_runs_every_mode(tmp_path):
     if HAS_CUDA:
         pytest.skip("--allow-cpu only chooses the CPU where there is no CUDA device")
     log = tmp_path / "t.jsonl"
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--allow-cpu", "--out", str(log)],
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--allow-cpu", "--out", str(log),
+                          "--profile", str(tmp_path / "prof")],
                          capture_output=True, text=True, timeout=600, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
     recs = {r["mode"]: r for r in map(json.loads, log.read_text().splitlines())}
@@ -248,6 +249,44 @@ def test_throughput_allow_cpu_runs_every_mode(tmp_path):
     assert recs["fast"]["loss"] == recs["bf16"]["loss"]  # same maths, same draws
     assert recs["sample-1step-eager"]["img_per_s"] > 0 and recs["total"]["failures"] == 0
     assert "skipped" in recs["bf16+compile"]
+    assert "aten::convolution" in (tmp_path / "prof" / "profile-bf16.txt").read_text()
+
+
+@pytest.mark.parametrize("arch", ["ddpmpp", "edm2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_f_theta_traces_as_one_graph(arch, dtype):
+    """torch.compile must see f_θ (preconditioning, network, keyed dropout) as one graph: a graph break splits
+    the compiled step into pieces and once sent a float-typed bitwise kernel to inductor's C++ compiler."""
+    preset = "cifar10" if arch == "ddpmpp" else "imagenet64-s"
+    cfg = get_preset(preset, "tune")
+    net = replace(SMALL_CONFIGS["tiny"], img_channels=3, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(16,),
+                  dropout=0.2) if arch == "ddpmpp" else replace(
+        cfg.net, model_channels=32, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(16,), img_resolution=32)
+    cfg = replace(cfg, net=net)
+    torch._dynamo.reset()
+    model = build_model(cfg, compute_dtype=dtype).train()
+    n = 4
+    x = torch.randn(n, 3, cfg.net.img_resolution, cfg.net.img_resolution)
+    labels = torch.zeros(n, dtype=torch.long) if cfg.net.label_dim else None
+    explained = torch._dynamo.explain(model)(x, torch.rand(n) + 0.1, labels, dropout_key=torch.arange(n))
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
+
+
+def test_step_anatomy_bf16_halves_saved_activations(tmp_path):
+    """benchmarks/step_anatomy.py on the fashion-mnist preset: the bf16 path must save about half the bytes of
+    fp32 for backward and move fewer bytes; an fp32 tensor left in the bf16 block flow would break this."""
+    figures = {}
+    for precision in ("fp32", "bf16"):
+        path = tmp_path / f"{precision}.json"
+        out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "step_anatomy.py"), "--preset", "fashion-mnist",
+                              "--precision", precision, "--json", str(path)], capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        figures[precision] = json.loads(path.read_text())
+    f32, b16 = figures["fp32"], figures["bf16"]
+    assert f32["kernels_per_step"] > 1000 and b16["params"] == f32["params"] == 2310553
+    assert 0.4 < b16["saved_mb_per_img"] / f32["saved_mb_per_img"] < 0.6, (b16, f32)
+    assert b16["traffic_mb_per_img"] < 0.8 * f32["traffic_mb_per_img"]
 
 
 # ------------------------------------------------------------------------------------------------- GPU tests
@@ -271,6 +310,25 @@ def test_bf16_loss_and_grads_match_fp32():
     assert l16.dtype == torch.float32 and torch.isfinite(l16).all()
     assert rel(l16, l32) < 3e-2
     assert rel(torch.cat([g.flatten() for g in g16]), torch.cat([g.flatten() for g in g32])) < 5e-2
+
+
+@gpu
+@needs_cuda
+def test_no_fp32_activations_inside_the_bf16_network():
+    """CUDA autocast runs group_norm in fp32; the network's GroupNorm opts out, so its outputs (and the SiLU,
+    dropout and conv inputs after it) stay bf16 instead of doubling the bytes of every block."""
+    from ectune.nets.ddpmpp import GroupNorm
+
+    dev = torch.device("cuda")
+    cfg = small_cfg(precision="bf16")
+    model = build_model(cfg, compute_dtype=torch.bfloat16).to(dev).train()
+    seen = []
+    for m in model.net.modules():
+        if isinstance(m, GroupNorm):
+            m.register_forward_hook(lambda mod, i, o: seen.append(o.dtype))
+    x0, t, r, eps, keys = batch(cfg, dev)
+    consistency_loss(model, x0, t, r, eps, dropout_key=keys).sum().backward()
+    assert seen and set(seen) == {torch.bfloat16}
 
 
 @gpu

@@ -115,20 +115,71 @@ def test_keyed_dropout_fast_path_matches_int64_reference_and_is_uniform():
     from ectune.nets.dropout import keyed_uniform, keyed_uniform_reference
 
     key = torch.tensor([0, 1, 2**31 - 2, 123456789])
-    shape = torch.Size([4, 3, 17, 5])
+    shape = torch.Size([4, 3, 17, 5])  # odd elements per row: the last hash gives one draw
     fast = keyed_uniform(key, 7, shape, torch.device("cpu"))
     assert torch.equal(fast, keyed_uniform_reference(key, 7, shape))
     u = keyed_uniform(torch.arange(256), 1, torch.Size([256, 4096]), torch.device("cpu"))
     assert abs(u.mean().item() - 0.5) < 1e-3 and abs(u.std().item() - 12**-0.5) < 1e-3
+    assert abs(torch.corrcoef(torch.stack([u[:, 0::2].flatten(), u[:, 1::2].flatten()]))[0, 1].item()) < 0.01
     assert not torch.equal(u[0], u[1])
     assert not torch.equal(keyed_uniform(key, 8, shape, torch.device("cpu")), fast)  # salt matters
 
 
+def test_keyed_draws_are_the_same_from_the_int16_view_and_from_shifts(monkeypatch):
+    """Eager mode reads two draws per hash through an int16 view; traced graphs use shifts. Same numbers."""
+    from ectune.nets.dropout import keyed_int16
+
+    key, cpu = torch.tensor([5, 2**31 - 2, 0]), torch.device("cpu")
+    for shape in (torch.Size([3, 2, 5, 7]), torch.Size([3, 4, 8, 8])):
+        viewed = keyed_int16(key, 11, shape, cpu)
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        shifted = keyed_int16(key, 11, shape, cpu)
+        monkeypatch.undo()
+        assert viewed.dtype == shifted.dtype == torch.int16 and torch.equal(viewed, shifted)
+
+
+def test_keyed_dropout_keeps_its_exact_probability_and_expectation():
+    from ectune.nets.dropout import KeyedDropout, drop_threshold
+
+    threshold, keep_prob = drop_threshold(0.2)
+    assert threshold == 13108 - 32768 and keep_prob == (65536 - 13108) / 65536  # ⌈0.2·2¹⁶⌉ = 13108
+    layer = KeyedDropout(0.2).train()
+    y = layer(torch.ones(512, 64, 32), torch.arange(512))
+    kept = (y > 0).float().mean().item()
+    assert abs(kept - keep_prob) < 3e-3  # 1M draws: the standard error is 4e-4
+    values = y.unique().tolist()
+    assert len(values) == 2 and values[0] == 0.0 and values[1] == pytest.approx(1 / keep_prob, rel=1e-7)
+
+
+def test_keyed_keep_mask_is_exactly_uniform_at_least_p():
+    """The integer keep-mask must equal `u >= p` for every p, including p equal to (or one ulp off) a drawn u."""
+    from ectune.nets.dropout import drop_threshold, keyed_int16, keyed_uniform_reference
+
+    key, shape, cpu = torch.tensor([0, 9, 2**31 - 2]), torch.Size([3, 2, 11, 7]), torch.device("cpu")
+    draws = keyed_int16(key, 3, shape, cpu)
+    grid = torch.arange(65536, dtype=torch.float32) / 65536
+    u = keyed_uniform_reference(key, 3, shape)
+    drawn = u.flatten()[:40]
+    ps = [0.0, 1e-7, 0.1, 0.13, 0.2, 1 / 3, 0.5, 0.999, 1 - 2**-24, 1 - 1e-9]
+    ps += drawn.tolist() + torch.nextafter(drawn, torch.zeros(())).tolist() + torch.nextafter(drawn, torch.ones(())).tolist()
+    for p in ps:
+        threshold, keep_prob = drop_threshold(p)
+        keep = draws >= threshold if threshold <= 32767 else torch.zeros(shape, dtype=torch.bool)  # p rounds to 1
+        assert torch.equal(keep, u >= p), p
+        assert keep_prob == int((grid >= p).sum()) / 65536  # the share of 16-bit uniforms that pass u >= p
+
+
 def test_keyed_dropout_compiles_to_the_same_numbers():
     """torch.compile (inductor, here its CPU backend) must reproduce the eager/int64 masks bit for bit."""
-    from ectune.nets.dropout import keyed_uniform, keyed_uniform_reference
+    from ectune.nets.dropout import KeyedDropout, keyed_uniform, keyed_uniform_reference
 
     key = torch.tensor([3, 2**31 - 2, 77])
     shape = torch.Size([3, 64, 16, 16])
     compiled = torch.compile(keyed_uniform, dynamic=False)(key, 5, shape, torch.device("cpu"))
     assert torch.equal(compiled, keyed_uniform_reference(key, 5, shape))
+    layer = KeyedDropout(0.2).train()
+    layer.salt = 5
+    x = torch.randn(shape)
+    eager = layer(x, key)
+    assert torch.equal(torch.compile(layer, dynamic=False, fullgraph=True)(x, key), eager)
+    assert torch.equal(eager != 0, keyed_uniform_reference(key, 5, shape) >= 0.2)

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -82,3 +84,35 @@ def test_bf16_autocast_never_reaches_the_loss():
         loss.sum().backward()
         assert all(p.grad.dtype == torch.float32 for p in net.parameters() if p.grad is not None)
     assert seen and all(d == torch.bfloat16 for d in seen)  # the inner network really ran in bf16
+
+
+@pytest.mark.skipif(not _cpu_has_bf16(), reason="this CPU build has no bf16 autocast")
+def test_bf16_loss_and_gradients_agree_with_fp32():
+    """The same step in bf16 and fp32 (same weights, noise, (t, r) and dropout keys) agrees within bf16 tolerance."""
+    from ectune.losses import consistency_loss
+    from ectune.nets import SMALL_CONFIGS, build_net
+
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(SMALL_CONFIGS["tiny"], dropout=0.2)
+    f32 = Precond(build_net(cfg)).train()
+    f16 = Precond(build_net(cfg), compute_dtype=torch.bfloat16).train()
+    with torch.no_grad():  # away from the near-zero init, so the comparison is not trivially small
+        for p in f32.net.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    f16.load_state_dict(f32.state_dict())
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.rand(8, 1, 32, 32, generator=g) * 2 - 1
+    eps = torch.randn(x0.shape, generator=g)
+    t = torch.exp(torch.randn(8, generator=g) * 1.2 - 0.8)
+    results = []
+    for f in (f32, f16):
+        loss = consistency_loss(f, x0, t, 0.6 * t, eps, dropout_key=torch.arange(8))
+        loss.sum().backward()
+        results.append((loss.detach(), torch.cat([p.grad.flatten() for p in f.net.parameters()])))
+    (l32, g32), (l16, g16) = results
+
+    def rel(a, b):
+        return float((a - b).norm() / b.norm())
+
+    assert rel(l16, l32) < 5e-3 and rel(g16, g32) < 4e-2, (rel(l16, l32), rel(g16, g32))
+    assert rel(l16, l32) > 0  # really two precisions

@@ -30,8 +30,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"ectune: unknown command {command!r}; expected one of {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
+    from .runtime import distributed as rt_dist
+
+    owns_process_group = not rt_dist.is_initialized()  # under torchrun the command itself joins the group
     try:
-        return COMMANDS[command](command, rest) or 0
+        code = COMMANDS[command](command, rest) or 0
+        if owns_process_group and code == 0:
+            rt_dist.shutdown()  # on success only: after a failure the other ranks may never arrive
+        return code
     except KeyboardInterrupt:
         print("ectune: interrupted; rerun the same command to resume from the last save", file=sys.stderr)
         return 130

@@ -114,7 +114,12 @@ class GroupNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_channels))
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
+        # Runs in x's dtype even under autocast. CUDA autocast would run group_norm in fp32, so every
+        # norm → SiLU → (dropout) → conv chain would write, save for backward and re-read fp32 activations that
+        # the next conv casts straight back to bf16. The kernel accumulates its statistics in fp32 for bf16
+        # input either way (EDM's fp16 mode runs its norms in fp16 for the same reason).
+        with torch.autocast(x.device.type, enabled=False):
+            return F.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
 
 
 class PositionalEmbedding(nn.Module):

@@ -8,6 +8,7 @@ Work that is split by seeds (sampling, evaluation) uses `rank_seeds` to give eac
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 from dataclasses import dataclass
 
@@ -117,6 +118,20 @@ def check_same_across_ranks(value: int, *, what: str) -> None:
         )
 
 
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
 def shutdown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    """Leave the process group: collect garbage, wait for every rank, then destroy the group.
+
+    DDP's reducer lives in reference cycles that hold the backend's pending work. If the interpreter frees them at
+    exit instead, a rank can abort with "terminate called without an active exception" after all its work is
+    done, and torchrun reports the whole run as failed (measured with two gloo ranks: 1 in 10 runs with
+    destroy_process_group alone, 0 in 20 once garbage is collected first).
+    """
+    if not is_initialized():
+        return
+    gc.collect()
+    barrier()
+    dist.destroy_process_group()

@@ -88,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", default="cifar10")
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     p.add_argument("--batches", default="2,4", help="two batch sizes; the per-image figures are the slope between them")
+    p.add_argument("--recompute-norms", action="store_true", help="recompute GroupNorm + SiLU in backward, as "
+                   "eager CUDA training does by default (--train.recompute-norms auto)")
     p.add_argument("--top", type=int, default=12)
     p.add_argument("--json", default="", help="also write the figures to this file")
     a = p.parse_args(argv)
@@ -101,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = get_preset(a.preset, "tune")
     dtype = torch.bfloat16 if a.precision == "bf16" else torch.float32
     model = build_model(cfg, compute_dtype=dtype).train()
+    model.net.set_recompute_norms(a.recompute_norms)
     shape = (cfg.net.img_channels, cfg.net.img_resolution, cfg.net.img_resolution)
     total = cfg.train.total_kimg * 1000
     loss_kwargs = objective_loss_kwargs(cfg.objective, data_dim=math.prod(shape), sigma_data=cfg.precond.sigma_data)
@@ -119,14 +122,16 @@ def main(argv: list[str] | None = None) -> int:
     kernels = sum(c for c, _ in runs[1]["ops"].values())
     traffic = sum(b for k, (_, b) in slope["ops"].items() if not is_compute(k))
     summary = {
-        "preset": a.preset, "precision": a.precision, "params": count_params(model.net), "batch_for_kernels": sizes[1],
+        "preset": a.preset, "precision": a.precision, "recompute_norms": a.recompute_norms,
+        "params": count_params(model.net), "batch_for_kernels": sizes[1],
         "kernels_per_step": kernels, "traffic_mb_per_img": round(traffic / 2**20, 2),
         "saved_mb_per_img": round(slope["saved"] / 2**20, 2),
         "saved_gib_at_batch_128": round(128 * slope["saved"] / 2**30, 2), "torch": torch.__version__,
     }
     print(json.dumps(summary))
     top = sorted(((b, k, c) for k, (c, b) in slope["ops"].items() if not is_compute(k)), reverse=True)[: a.top]
-    print(f"\n{'operation (memory-bound)':<40} {'calls':>6} {'MB/img':>9} {'share':>6}")
+    if top:
+        print(f"\n{'operation (memory-bound)':<40} {'calls':>6} {'MB/img':>9} {'share':>6}")
     for b, k, c in top:
         print(f"{k:<40} {runs[1]['ops'][k][0]:>6} {b / 2**20:>9.2f} {b / traffic:>6.1%}")
     if a.json:

@@ -205,7 +205,8 @@ def bench_train(args: argparse.Namespace, cfg, data, device: torch.device, spec:
     from ectune.runtime import distributed as rt_dist
     from ectune.runtime.perf import StepFlag, Stopwatch, forward_flops, peak_memory_gb, reset_peak_memory
     from ectune.training.loop import (
-        StatsMeter, _wrap_for_training, compute_dtype, make_optimizer, set_learning_rate, training_step,
+        StatsMeter, _wrap_for_training, compute_dtype, make_optimizer, recompute_norms, set_learning_rate,
+        training_step,
     )
 
     cfg = replace(cfg, train=replace(cfg.train, precision=spec["precision"], tf32=spec["tf32"], compile=spec["compile"]))
@@ -298,7 +299,9 @@ def bench_train(args: argparse.Namespace, cfg, data, device: torch.device, spec:
         target_row_fraction=round(rows / (B * args.steps), 3), fwd_gflop_per_img=round(fwd / 1e9, 2),
         start_kimg=round(first_timed / 1000, 1), loss=round(loss, 5), skipped_steps=state["skipped"],
         guard_sync_steps=None if guard is None else guard.sync_steps, graphs_compiled_during_timing=graphs_during,
-        params=count_params(net), **{k: v for k, v in spec.items() if k != "name"},
+        params=count_params(net), recompute_norms=recompute_norms(cfg.train.recompute_norms, device,
+                                                                   compiled=spec["compile"]),
+        **{k: v for k, v in spec.items() if k != "name"},
     )
 
 

@@ -183,3 +183,6 @@ def test_keyed_dropout_compiles_to_the_same_numbers():
     eager = layer(x, key)
     assert torch.equal(torch.compile(layer, dynamic=False, fullgraph=True)(x, key), eager)
     assert torch.equal(eager != 0, keyed_uniform_reference(key, 5, shape) >= 0.2)
+    dynamic = torch.compile(layer, dynamic=True, fullgraph=True)  # the target pass's batch size varies
+    for rows in ([0, 2], [1]):
+        assert torch.equal(dynamic(x[rows], key[rows]), eager[rows])  # a row's mask is the same in any sub-batch

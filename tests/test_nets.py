@@ -239,6 +239,40 @@ def test_checkpointing_gives_same_output_and_grads(arch: str) -> None:
         torch.testing.assert_close(pa.grad, pb.grad, msg=name)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_recomputed_norms_give_bit_identical_grads_and_save_less(dtype: torch.dtype) -> None:
+    cfg = dataclasses.replace(TINY["ddpmpp"], dropout=0.2)
+    net = perturbed(cfg).train()
+    x, c_noise, _ = inputs(cfg)
+    key = torch.arange(4)
+    results = []
+    for recompute in (False, True):
+        net.set_recompute_norms(recompute)
+        saved = []
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.untyped_storage()) or t, lambda t: t):
+                y = net(x, c_noise, dropout_key=key)
+        y.float().square().sum().backward()
+        results.append((y.detach(), [p.grad.clone() for p in net.parameters()],
+                        sum(st.nbytes() for st in {st.data_ptr(): st for st in saved}.values())))
+        net.zero_grad(set_to_none=True)
+    (ya, ga, saved_a), (yb, gb, saved_b) = results
+    assert torch.equal(ya, yb)
+    assert all(torch.equal(a, b) for a, b in zip(ga, gb))  # the same kernels on the same inputs
+    assert saved_b < 0.85 * saved_a, (saved_b, saved_a)
+
+
+def test_recompute_norms_choice() -> None:
+    from ectune.training.loop import recompute_norms
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert recompute_norms("auto", cuda, compiled=False) and not recompute_norms("auto", cpu, compiled=False)
+    assert not recompute_norms("auto", cuda, compiled=True)  # inductor chooses what to recompute
+    assert recompute_norms("on", cpu, compiled=False) and not recompute_norms("off", cuda, compiled=False)
+    with pytest.raises(ValueError, match="recompute-norms"):
+        recompute_norms("sometimes", cpu, compiled=False)
+
+
 # ---------------------------------------------------------------------------------------------- EDM2 weight norm
 
 

@@ -18,6 +18,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 from ectune.config import NetConfig
 from ectune.nets.dropout import KeyedDropout
@@ -122,6 +123,24 @@ class GroupNorm(nn.Module):
             return F.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
 
 
+def _silu_of_norm(norm: GroupNorm, x: Tensor) -> Tensor:
+    return F.silu(norm(x))
+
+
+def norm_silu(norm: GroupNorm, x: Tensor, recompute: bool) -> Tensor:
+    """SiLU(GroupNorm(x)); with `recompute`, backward recomputes both from x instead of keeping the norm's output.
+
+    The convolution that follows saves its own input (the SiLU output) and x is kept for the residual path anyway,
+    so only the norm's output is freed: about a quarter of a block's saved activations for one more pass over them
+    in backward (measured with benchmarks/step_anatomy.py). The recomputation runs the same kernels on the same
+    input, so gradients are bit-identical. Skipped without grad and inside torch.compile, whose partitioner
+    chooses what to recompute itself.
+    """
+    if recompute and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        return checkpoint(_silu_of_norm, norm, x, use_reentrant=False)
+    return _silu_of_norm(norm, x)
+
+
 class PositionalEmbedding(nn.Module):
     """Transformer sinusoidal embedding of a scalar: [N] -> [N, num_channels] laid out [cos | sin]."""
 
@@ -168,6 +187,7 @@ class UNetBlock(nn.Module):
         self.out_channels = out_channels
         self.num_heads = num_heads if attention else 0
         self.skip_scale = skip_scale
+        self.recompute_norms = False  # see norm_silu; set by SongUNet.set_recompute_norms
 
         self.norm0 = GroupNorm(in_channels, eps=eps)
         self.conv0 = Conv2d(in_channels, out_channels, 3, up=up, down=down, resample_filter=resample_filter, **init)
@@ -187,9 +207,9 @@ class UNetBlock(nn.Module):
 
     def forward(self, x: Tensor, emb: Tensor, dropout_key: Tensor | None = None) -> Tensor:
         orig = x
-        x = self.conv0(F.silu(self.norm0(x)))
+        x = self.conv0(norm_silu(self.norm0, x, self.recompute_norms))
         params = self.affine(emb)[:, :, None, None].to(x.dtype)
-        x = F.silu(self.norm1(x + params))
+        x = norm_silu(self.norm1, x + params, self.recompute_norms)
         x = self.conv1(self.dropout(x, dropout_key))
         x = x + (self.skip(orig) if self.skip is not None else orig)
         x = x * self.skip_scale
@@ -308,3 +328,9 @@ class SongUNet(nn.Module):
 
     def normalize_weights_(self) -> None:
         """No-op: DDPM++ has no forced weight normalisation (kept so the training loop treats all nets alike)."""
+
+    def set_recompute_norms(self, enabled: bool) -> None:
+        """Recompute every block's GroupNorm + SiLU in backward instead of saving the norm output (`norm_silu`)."""
+        for m in self.modules():
+            if isinstance(m, UNetBlock):
+                m.recompute_norms = bool(enabled)

@@ -259,6 +259,9 @@ class EDM2UNet(nn.Module):
             x = maybe_checkpoint(self.checkpointing, block, x, emb, dropout_key)
         return self.out_conv(x, gain=self.out_gain)
 
+    def set_recompute_norms(self, enabled: bool) -> None:
+        """No-op: EDM2 has no GroupNorms (its pixel norms are not recomputed; kept so all nets are treated alike)."""
+
     @torch.no_grad()
     def normalize_weights_(self) -> None:
         """Forced weight normalisation of every MPConv weight, in place (call once per optimiser step)."""

@@ -376,8 +376,10 @@ def _wrap_for_training(model: Precond, cfg: RunConfig, dist: rt_dist.Dist,
     network is compiled. The compiled module shares `model`'s parameters, so the optimiser, EMA and
     checkpoints (which hold `model.net`) are unaffected. Expect one graph for the student pass (batch fixed)
     and one for the target pass (its batch size varies with the number of r > 0 rows, so torch.compile
-    marks it dynamic after the second size).
+    marks it dynamic after the second size). It also sets the network's norm recomputation for this device
+    (`recompute_norms`).
     """
+    model.net.set_recompute_norms(recompute_norms(cfg.train.recompute_norms, device, compiled=cfg.train.compile))
     if cfg.train.compile and dist.world_size == 1:
         target_model = torch.compile(model)  # an OptimizedModule: .net, .compute_dtype etc. reach `model`
     elif cfg.train.compile:
@@ -389,6 +391,13 @@ def _wrap_for_training(model: Precond, cfg: RunConfig, dist: rt_dist.Dist,
         train_model = nn.parallel.DistributedDataParallel(
             target_model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
     return train_model, target_model
+
+
+def recompute_norms(choice: str, device: torch.device, *, compiled: bool) -> bool:
+    """Whether eager training recomputes GroupNorm + SiLU in backward (TrainConfig.recompute_norms)."""
+    if choice not in ("auto", "on", "off"):
+        raise ValueError(f"--train.recompute-norms must be auto, on or off, got {choice!r}")
+    return choice == "on" or (choice == "auto" and device.type == "cuda" and not compiled)
 
 
 def replace_net(model: Precond, net: nn.Module) -> Precond:

@@ -14,7 +14,7 @@ from ..runtime.checkpoint import atomic_write_text, read_model_meta
 
 # Fields that may change between invocations of one run without changing what is trained.
 RUNTIME_FIELDS = ("status_kimg", "save_kimg", "sample_kimg", "eval_kimg", "eval_metric", "eval_n", "num_workers",
-                  "device", "compile", "tf32", "max_bad_steps")
+                  "device", "compile", "tf32", "recompute_norms", "max_bad_steps")
 
 
 class RunDir:

@@ -1,21 +1,26 @@
 #!/usr/bin/env bash
-# One-shot GPU check for ectune's CUDA fast path, for a machine with no network. Run from the repository root:
+# One-shot GPU check for ectune, for a machine with no network. Run from the repository root:
 #
-#     bash benchmarks/gpu_check.sh            # writes everything under $OUT (if set) or ./gpu_out
+#     bash benchmarks/gpu_check.sh            # part "perf" (default): the CUDA fast path, ~6 minutes
+#     bash benchmarks/gpu_check.sh eval       # part "eval": the GPU sizes of the evaluation benchmarks, ~6 minutes
 #
-# Steps (each under `timeout`; a failing step is logged and the next one still runs; ~8 minutes at most):
-#   1. install wheels found in .whl/ (repo root) or benchmarks/.whl/ (--no-index --no-deps), then ectune
-#      itself (pip install -e . --no-deps --no-build-isolation); print nvidia-smi and torch/CUDA versions
-#   2. benchmarks/throughput.py (cifar10 preset, batch 128: fp32/TF32/bf16/compile/fast + 1-step sampling), with
-#      a torch.profiler kernel table per training mode in $OUT/profile/
-#   3. pytest -m gpu tests/test_gpu.py
-#   4. a short real run on Fashion-MNIST through the CLI: `ectune pretrain` then `ectune tune` (batch 256);
-#      Fashion-MNIST is taken from .data/fashion-mnist/ when that folder exists ($ECTUNE_FASHION_MNIST)
-# and prints a summary table last. Exit status: the number of failed steps (0 = all passed).
-# On a machine without CUDA every step degrades cleanly (throughput.py says "no CUDA device", GPU tests skip).
+# Everything goes under $OUT (if set) or ./gpu_out. The two parts fit separate device calls of at most 10 minutes.
+# Steps (each under `timeout`; a failing step is logged and the next one still runs):
+#   both: install wheels found in .whl/ (repo root) or benchmarks/.whl/ (--no-index --no-deps), then ectune
+#         itself (pip install -e . --no-deps --no-build-isolation); print nvidia-smi and torch/CUDA versions
+#   perf: benchmarks/throughput.py (cifar10 preset, batch 128: fp32/TF32/bf16/compile/fast + 1-step sampling), with
+#         a torch.profiler kernel table per training mode in $OUT/profile/; pytest -m gpu tests/test_gpu.py; a
+#         short real run on Fashion-MNIST through the CLI: `ectune pretrain` then `ectune tune` (batch 256)
+#   eval: benchmarks/paper_table.py --size full, then benchmarks/scaling.py --size full from the same pretrained
+#         model (Fashion-MNIST, FD-Lite0, n = 10k)
+# Fashion-MNIST is taken from .data/fashion-mnist/ when that folder exists ($ECTUNE_FASHION_MNIST).
+# A summary table comes last. Exit status: the number of failed steps (0 = all passed).
+# On a machine without CUDA every step degrades cleanly (the benchmarks say so and exit 0, GPU tests skip).
 
 set -u
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 99
+PART=${1:-perf}
+case "$PART" in perf|eval) ;; *) echo "gpu_check.sh: unknown part '$PART' (expected perf or eval)"; exit 99 ;; esac
 ROOT=$(pwd)
 OUTDIR=${OUT:-$ROOT/gpu_out}
 mkdir -p "$OUTDIR"
@@ -99,6 +104,21 @@ if [ -d "$ROOT/.data/fashion-mnist" ]; then
 fi
 export PYTHONUNBUFFERED=1
 
+if [ "$PART" = eval ]; then
+  rm -rf "$OUTDIR/paper_table" "$OUTDIR/scaling"
+  step paper-table 420 "$PY" benchmarks/paper_table.py --size full --out "$OUTDIR/paper_table"
+  scaling() {  # tune from the paper table's pretrained model, at the throughput it measured
+    local results="$OUTDIR/paper_table/results.json"
+    if [ ! -f "$results" ]; then "$PY" benchmarks/scaling.py --size full --out "$OUTDIR/scaling"; return; fi
+    local rate
+    rate=$("$PY" -c "import json, sys; print(json.load(open(sys.argv[1]))['pretrain']['img_per_s'])" "$results")
+    "$PY" benchmarks/scaling.py --size full --init "$OUTDIR/paper_table/pretrain/model.safetensors" --rate "$rate" \
+      --out "$OUTDIR/scaling"
+  }
+  step scaling 300 scaling
+fi
+
+if [ "$PART" = perf ]; then
 # 2. throughput (the numbers the issue asks for) -----------------------------------------------------------------
 rm -f "$OUTDIR/throughput.jsonl"
 step throughput 220 "$PY" benchmarks/throughput.py --budget-s 140 --out "$OUTDIR/throughput.jsonl" \
@@ -115,6 +135,8 @@ step fm-pretrain 45 "$PY" -m ectune.cli pretrain --preset fashion-mnist --run "$
 step fm-tune 65 "$PY" -m ectune.cli tune --preset fashion-mnist --init "$OUTDIR/fm-pretrain" --run "$OUTDIR/fm-tune" \
   --train.total-kimg "$TRAIN_KIMG" --train.batch 256 --train.status-kimg 1.28 --train.save-kimg "$TRAIN_KIMG" \
   --train.sample-kimg "$TRAIN_KIMG" "$COMPILE_FLAG" --quiet
+
+fi
 
 # summary --------------------------------------------------------------------------------------------------------
 {
@@ -136,6 +158,9 @@ for line in open(sys.argv[1]):
     print(f"{r['mode']:<28}", " ".join(f"{k}={r[k]}" for k in keys if k in r and r[k] is not None))
 EOF
   fi
+  for table in "$OUTDIR/paper_table/table.md" "$OUTDIR/scaling/scaling.md"; do
+    if [ -f "$table" ]; then echo "--- $table ---"; cat "$table"; fi
+  done
   for run in fm-pretrain fm-tune; do
     if [ -f "$OUTDIR/$run/stats.jsonl" ]; then echo "--- $run/stats.jsonl (last line) ---"; tail -n 1 "$OUTDIR/$run/stats.jsonl"; fi
   done

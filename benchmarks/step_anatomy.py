@@ -52,7 +52,7 @@ class OpTally(TorchDispatchMode):
         return out
 
 
-def measure(model, x0: torch.Tensor, t: torch.Tensor, r: torch.Tensor, loss_kwargs: dict) -> dict:
+def measure(model, x0: torch.Tensor, t: torch.Tensor, r: torch.Tensor, loss_kwargs: dict, label_dim: int) -> dict:
     """Kernels, bytes per operation and saved-for-backward bytes of one loss + backward."""
     from ectune.losses import consistency_loss
 
@@ -66,10 +66,11 @@ def measure(model, x0: torch.Tensor, t: torch.Tensor, r: torch.Tensor, loss_kwar
     g = torch.Generator().manual_seed(0)
     eps = torch.randn(x0.shape, generator=g)
     key = torch.randint(0, 2**31 - 1, (x0.shape[0],), generator=g)
+    labels = torch.randint(0, label_dim, (x0.shape[0],), generator=g) if label_dim else None  # ImageNet presets
     tally = OpTally()
     with tally:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            loss = consistency_loss(model, x0, t, r, eps, dropout_key=key, **loss_kwargs)
+            loss = consistency_loss(model, x0, t, r, eps, class_labels=labels, dropout_key=key, **loss_kwargs)
         loss.sum().backward()
     model.zero_grad(set_to_none=True)
     return {"ops": dict(tally.ops), "saved": sum(storages.values())}
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         t, r = draw_t_r(cfg.objective, n=n, nimg=int(total) - n, total_nimg=total, generator=torch.Generator().manual_seed(1))
         r = torch.where(r > 0, r, 0.5 * t)  # every row runs the target pass, as in the last stage
         x0 = torch.rand((n, *shape), generator=torch.Generator().manual_seed(2)) * 2 - 1
-        runs.append(measure(model, x0, t, r, loss_kwargs))
+        runs.append(measure(model, x0, t, r, loss_kwargs, cfg.net.label_dim))
     slope = per_image(runs[0], runs[1], sizes[0], sizes[1])
 
     def is_compute(name: str) -> bool:

@@ -172,13 +172,32 @@ def markdown_table(rows: list[dict[str, Any]], *, metric: str, hardware: str, n:
     return "\n".join(lines) + f"\n\n{metric} on n = {n} samples vs the Fashion-MNIST training set. {note}\n"
 
 
-def plot_curves(results: dict[str, dict[str, Any]], heun_fd: float, path: Path, metric: str) -> None:
+def log_log_axes():
+    """A figure and axes for an FD-vs-budget plot (headless matplotlib); finish it with `save_log_log`."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    return plt.subplots(figsize=(5.5, 3.8))
+
+
+def save_log_log(fig, ax, path: Path, *, xlabel: str, ylabel: str, legend_fontsize: int) -> None:
+    import matplotlib.pyplot as plt
+
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=legend_fontsize)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_curves(results: dict[str, dict[str, Any]], heun_fd: float, path: Path, metric: str) -> None:
+    fig, ax = log_log_axes()
     for name, style in (("ECT", "o-"), ("iCT", "s--")):
         pts = [(h["kimg"], h["fd"]["1step"]) for h in results[name]["curve"]]
         ax.plot(*zip(*pts), style, label=f"{name}, 1 step")
@@ -186,15 +205,7 @@ def plot_curves(results: dict[str, dict[str, Any]], heun_fd: float, path: Path, 
         if two is not None:
             ax.plot([pts[-1][0]], [two], style[0], mfc="none", ms=9, label=f"{name}, 2 steps (final)")
     ax.axhline(heun_fd, color="grey", ls=":", label="diffusion, Heun 35 NFE")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("tuning images (kimg)")
-    ax.set_ylabel(metric)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_log_log(fig, ax, path, xlabel="tuning images (kimg)", ylabel=metric, legend_fontsize=8)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from paper_table import SIZES as TABLE_SIZES  # noqa: E402  (same nets, batches and learning rates)
-from paper_table import Size, _snap, pretrain, tune_and_eval  # noqa: E402
+from paper_table import Size, _snap, log_log_axes, pretrain, save_log_log, tune_and_eval  # noqa: E402
 
 from ectune.data import open_dataset  # noqa: E402
 from ectune.evaluation import PowerLawFit, describe_hardware, fit_power_law, load_extractor, reference_for_data  # noqa: E402
@@ -47,27 +47,14 @@ SIZES = {
 
 
 def plot_fit(budgets: np.ndarray, fds: dict[str, np.ndarray], fits: dict[str, PowerLawFit], path: Path, metric: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    fig, ax = log_log_axes()
     grid = np.geomspace(budgets.min(), budgets.max(), 50)
     for (label, y), marker in zip(fds.items(), "os"):
         f = fits[label]
         line = ax.plot(budgets, y, marker, label=f"ECT {label}")[0]
         ax.plot(grid, f.predict(grid), "-", color=line.get_color(), alpha=0.7,
                 label=f"{f.K:.3g}·C^{f.alpha:.3f} (r = {f.r:.4f}, p = {f.p_value:.2g})")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("tuning budget C (kimg)")
-    ax.set_ylabel(metric)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_log_log(fig, ax, path, xlabel="tuning budget C (kimg)", ylabel=metric, legend_fontsize=7)
 
 
 def main(argv: list[str] | None = None) -> int:

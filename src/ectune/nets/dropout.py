@@ -118,10 +118,10 @@ class KeyedDropout(nn.Module):
 
     @p.setter
     def p(self, value: float) -> None:
-        if not 0.0 <= value < 1.0 or drop_threshold(value)[1] == 0.0:  # the second: p rounds to 1 in fp32
-            raise ValueError(f"dropout probability must be in [0, 1), got {value}")
         # Threshold and scale are plain Python numbers fixed here, so a compiled graph sees them as constants.
-        threshold, keep_prob = drop_threshold(float(value))
+        threshold, keep_prob = drop_threshold(float(value)) if 0.0 <= value < 1.0 else (0, 0.0)
+        if keep_prob == 0.0:  # out of range, or so close to 1 that it rounds to 1 in fp32
+            raise ValueError(f"dropout probability must be in [0, 1), got {value}")
         self._p, self._threshold, self._scale = float(value), threshold, 1.0 / keep_prob
 
     def forward(self, x: Tensor, key: Tensor | None = None) -> Tensor:

@@ -7,6 +7,7 @@ machine). The unmarked tests exercise the same helpers on the CPU.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import subprocess
@@ -273,6 +274,48 @@ def test_f_theta_traces_as_one_graph(arch, dtype):
     assert explained.graph_count == 1
 
 
+def _steps_with_target_rows(cfg, sizes: list[int]) -> list[int]:
+    """Images-seen values whose target pass (r > 0 rows, padded to 8) has each of `sizes` rows, in that order."""
+    total, found = int(cfg.train.total_kimg * 1000), {}
+    for nimg in range(0, total, total // 2000):
+        _, r = loop.draw_t_r(cfg.objective, n=cfg.train.batch, nimg=nimg, total_nimg=total,
+                             generator=loop.step_generator(cfg.train.seed, nimg))
+        m = int((r > 0).sum())
+        found.setdefault(min(-(-m // 8) * 8, cfg.train.batch), nimg)
+    return [found[n] for n in sizes]
+
+
+@pytest.mark.parametrize("first_rows", [16, 32])
+def test_compiled_step_makes_one_static_student_and_one_dynamic_target_graph(monkeypatch, first_rows):
+    """Whatever the first step's target size, torch.compile must build exactly one student graph (static batch,
+    with grad) and one target graph (dynamic batch, no grad), each once. Without the hints the student graph turned
+    dynamic when the first target pass was smaller than the batch, and a full first target pass cost a third graph.
+    (Sizes stay ≥ 16: on the CPU, torch.compile guards the convolution backend choice on batch < 16.)"""
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        sizes = [d for x in example_inputs if isinstance(x, torch.Tensor) for d in x.shape]
+        dynamic = any(isinstance(v, torch.SymInt) for v in [*example_inputs, *sizes])
+        graphs.append(("grad" if torch.is_grad_enabled() else "no grad", "dynamic" if dynamic else "static"))
+        return gm.forward
+
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: compile_(model, backend=recording_backend))
+    torch._dynamo.reset()
+    cfg = small_cfg(compile=True, batch=32)
+    cfg = replace(cfg, net=replace(SMALL_CONFIGS["tiny"], img_channels=3, attn_resolutions=(16,), dropout=0.2))
+    data, dev = random_data(cfg), torch.device("cpu")
+    model = build_model(cfg, compute_dtype=torch.float32)
+    opt = loop.make_optimizer(cfg, list(model.net.parameters()), dev)
+    kw = objective_loss_kwargs(cfg.objective, data_dim=3 * 32 * 32, sigma_data=0.5)
+    train_f, target_f = loop._wrap_for_training(model, cfg, rt_dist.Dist(), dev)
+    model.train()
+    for nimg in _steps_with_target_rows(cfg, [first_rows, 24, first_rows]):
+        loop.training_step(train_f, target_f, opt, data, cfg, nimg, rt_dist.Dist(), dev, kw, guard="sync")
+    assert graphs == [("no grad", "dynamic"), ("grad", "static")]
+    torch._dynamo.reset()
+
+
 def test_step_anatomy_bf16_halves_saved_activations(tmp_path):
     """benchmarks/step_anatomy.py on the fashion-mnist preset: the bf16 path must save about half the bytes of
     fp32 for backward and move fewer bytes; an fp32 tensor left in the bf16 block flow would break this."""
@@ -492,3 +535,41 @@ def test_throughput_script_smoke_on_gpu(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     recs = {r["mode"]: r for r in map(json.loads, log.read_text().splitlines())}
     assert recs["bf16"]["img_per_s"] > 0 and recs["sample-1step-eager"]["img_per_s"] > 0
+
+
+# ------------------------------------------------------------------------- Triton builds, checked without a GPU
+
+
+def _triton_build(tmp_path, *args: str) -> tuple[int, dict]:
+    path = tmp_path / "build.json"
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "triton_build.py"), "--json", str(path), *args],
+                         capture_output=True, text=True, timeout=900)
+    assert path.exists(), out.stdout[-2000:] + out.stderr[-4000:]
+    return out.returncode, json.loads(path.read_text())
+
+
+triton_missing = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                                    reason="Triton is not installed (the test extra installs it on x86_64 Linux)")
+
+
+@triton_missing
+def test_triton_build_rejects_the_pattern_that_failed_on_the_h100(tmp_path):
+    """Positive control: the keyed-dropout position hash that Triton refused on the first H100 run (an arange times
+    a constant beyond int32, folded into index arithmetic) must fail the cross-build with Triton's own message."""
+    rc, rec = _triton_build(tmp_path, "--bad-control")
+    assert rc == 1 and rec["builds_failed"] >= 1 and rec["builds_ok"] == 0, rec
+    assert "out of range for type int32" in rec["failures"][0], rec["failures"]
+
+
+@triton_missing
+@pytest.mark.slow
+def test_compiled_training_step_builds_for_h100(tmp_path):
+    """Every Triton kernel of the compiled cifar10 step (tiny widths): student forward and backward, the target
+    pass at two batch sizes (a dynamic-shape graph) and 1-step sampling, built to sm_90 machine code."""
+    rc, rec = _triton_build(tmp_path, "--net", "tiny")
+    assert rc == 0 and rec["builds_failed"] == 0, rec["failures"]
+    # the target pass (dynamic), the student's forward and backward (static), then 1-step sampling
+    assert rec["graphs"][:3] == ["inference dynamic", "training static", "backward static"], rec
+    assert len(rec["graphs"]) == 4 and rec["graphs"][3].startswith("inference"), rec
+    assert rec["kernels"] >= 100 and rec["builds_ok"] >= rec["kernels"], rec
+    assert sorted(rec["target_batches"]) == [16, 24], rec

@@ -13,7 +13,7 @@ import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -212,6 +212,9 @@ def training_step(
     flips = xflip_mask(torch.arange(nimg, nimg + B), seed=cfg.train.seed)
     eps = torch.randn((B, *_img_shape(cfg)), generator=step_generator(cfg.train.seed, nimg, device), device=device)
 
+    student_f, target_f = train_model, target_model
+    if cfg.train.compile and world == 1:  # under DDP only the network is compiled; its inputs are made inside f_θ
+        student_f, target_f = with_batch_hint(train_model, dynamic=False), with_batch_hint(target_model, dynamic=True)
     step_guard = _step_guard(opt, target_model, device) if mode == "device" else None
     loss_sum = torch.zeros((), device=device)
     if step_guard is not None:
@@ -225,9 +228,9 @@ def training_step(
         sync = contextlib.nullcontext() if rnd == accum - 1 or world == 1 else train_model.no_sync()
         with sync:
             loss = consistency_loss(
-                train_model, x0, t[rows], r[rows], eps[rows],
+                student_f, x0, t[rows], r[rows], eps[rows],
                 class_labels=labels, dropout_key=keys[rows],
-                target_f=target_model, row_multiple=8 if cfg.train.compile else 1, **loss_kwargs,
+                target_f=target_f, row_multiple=8 if cfg.train.compile else 1, **loss_kwargs,
             )
             (loss.sum() / (per_round * accum)).backward()
         loss_sum += loss.detach().sum()
@@ -374,10 +377,9 @@ def _wrap_for_training(model: Precond, cfg: RunConfig, dist: rt_dist.Dist,
     With cfg.train.compile a single process compiles the whole f_θ (preconditioning + network: the scalings,
     the bf16 casts and the boundary select fuse with the network's first and last layers); under DDP only the
     network is compiled. The compiled module shares `model`'s parameters, so the optimiser, EMA and
-    checkpoints (which hold `model.net`) are unaffected. Expect one graph for the student pass (batch fixed)
-    and one for the target pass (its batch size varies with the number of r > 0 rows, so torch.compile
-    marks it dynamic after the second size). It also sets the network's norm recomputation for this device
-    (`recompute_norms`).
+    checkpoints (which hold `model.net`) are unaffected. Expect one graph for the student pass and one for
+    the target pass, whose batch size varies with the number of r > 0 rows (`training_step` declares which is
+    which: `with_batch_hint`). It also sets the network's norm recomputation for this device (`recompute_norms`).
     """
     model.net.set_recompute_norms(recompute_norms(cfg.train.recompute_norms, device, compiled=cfg.train.compile))
     if cfg.train.compile and dist.world_size == 1:
@@ -391,6 +393,28 @@ def _wrap_for_training(model: Precond, cfg: RunConfig, dist: rt_dist.Dist,
         train_model = nn.parallel.DistributedDataParallel(
             target_model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
     return train_model, target_model
+
+
+def with_batch_hint(f: Callable[..., Tensor], *, dynamic: bool) -> Callable[..., Tensor]:
+    """`f` (a compiled f_θ) with its inputs' batch dimension declared to torch.compile before every call: static for
+    the student pass (always the whole batch), dynamic for the target pass (the r > 0 rows, padded to 8).
+
+    Both passes enter one compiled function, whose input sizes torch.compile otherwise tracks together, so the
+    graphs it builds depended on the first step: a first target pass smaller than the batch (a run starting in an
+    early ECT stage) made the student graph dynamic too, and one as large as the batch (the last stage) cost an
+    extra static target graph that was replaced at the next size. Declared, every run compiles the same two: a
+    static student graph (forward + backward) and a dynamic target graph, each once. A hint is only read when a
+    graph is compiled; it costs nothing afterwards.
+    """
+    mark = torch._dynamo.maybe_mark_dynamic if dynamic else torch._dynamo.mark_static
+
+    def hinted(x: Tensor, sigma: Tensor, class_labels: Tensor | None = None, **kwargs: Any) -> Tensor:
+        for a in (x, sigma, class_labels, *kwargs.values()):
+            if isinstance(a, Tensor) and a.ndim > 0:
+                mark(a, 0)
+        return f(x, sigma, class_labels, **kwargs)
+
+    return hinted
 
 
 def recompute_norms(choice: str, device: torch.device, *, compiled: bool) -> bool:

@@ -188,15 +188,6 @@ def start_nimg(args: argparse.Namespace, cfg) -> int:
     return int(math.ceil(max(first, 0) * d))
 
 
-def target_rows(cfg, nimg: int) -> int:
-    from ectune.losses import draw_t_r
-    from ectune.training.loop import step_generator
-
-    t, r = draw_t_r(cfg.objective, n=cfg.train.batch, nimg=nimg, total_nimg=cfg.train.total_kimg * 1000,
-                    generator=step_generator(cfg.train.seed, nimg))
-    return int((r > 0).sum())
-
-
 def bench_train(args: argparse.Namespace, cfg, data, device: torch.device, spec: dict, peak_tflops: float) -> dict:
     from ectune.ema import EMA
     from ectune.losses import objective_loss_kwargs
@@ -206,7 +197,7 @@ def bench_train(args: argparse.Namespace, cfg, data, device: torch.device, spec:
     from ectune.runtime.perf import StepFlag, Stopwatch, forward_flops, peak_memory_gb, reset_peak_memory
     from ectune.training.loop import (
         StatsMeter, _wrap_for_training, compute_dtype, make_optimizer, recompute_norms, set_learning_rate,
-        training_step,
+        target_pass_rows, training_step,
     )
 
     cfg = replace(cfg, train=replace(cfg.train, precision=spec["precision"], tf32=spec["tf32"], compile=spec["compile"]))
@@ -285,7 +276,7 @@ def bench_train(args: argparse.Namespace, cfg, data, device: torch.device, spec:
     peak_gb = peak_memory_gb(device)
 
     s_per_step = elapsed / args.steps
-    rows = sum(target_rows(cfg, first_timed + i * B) for i in range(args.steps))
+    rows = sum(target_pass_rows(cfg, first_timed + i * B) for i in range(args.steps))
     x1 = torch.randn(2, cfg.net.img_channels, cfg.net.img_resolution, cfg.net.img_resolution, device=device)
     fwd = forward_flops(model, x1, torch.full((2,), 1.0, device=device)) / 2  # per image
     flops = fwd * (3 * B * args.steps + rows)  # student fwd + bwd (≈ 2× fwd) + target fwd on r > 0 rows

@@ -16,9 +16,12 @@ What this does not show: that the kernels run, run correctly or run fast. The tr
 CUDA's (they differ in the ops kept in fp32; ectune's GroupNorm opts out of autocast, so the norm flow matches).
 
 Needs Triton beside torch: `pip install triton==3.6.0` (the version the GPU image's torch 2.11 uses). Prints one
-JSON line: graphs traced, kernels built and failed, with the first failures' messages; exit status 1 if any failed.
+JSON line: graphs traced, kernels built and failed, with the first failures' messages (exit status 1 if any
+failed), and per graph inductor's estimate of the bytes its Triton kernels read and write (`graph_triton_gb`;
+convolutions, matmuls and attention run outside Triton and are not included: this is the memory-bound part).
 
-    python benchmarks/triton_build.py                      # cifar10 preset (about 6 minutes on 2 cores)
+    python benchmarks/triton_build.py                      # cifar10 preset (about 5 minutes on 2 cores)
+    python benchmarks/triton_build.py --top 10             # also the 10 kernels of each graph that move the most
     python benchmarks/triton_build.py --preset imagenet64-s
     python benchmarks/triton_build.py --net tiny           # same architecture, tiny widths (CI-sized)
 """
@@ -26,6 +29,7 @@ JSON line: graphs traced, kernels built and failed, with the first failures' mes
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import copy
 import json
@@ -52,12 +56,13 @@ class BuildLog:
 
     graphs: list[str] = field(default_factory=list)  # "training static", "backward static", "inference dynamic", …
     graph_gb: list[float] = field(default_factory=list)  # inductor's estimate of the bytes its kernels move, per graph
+    graph_top: list[list[tuple[str, float]]] = field(default_factory=list)  # the kernels moving the most, per graph
     kernel_gb: dict[str, float] = field(default_factory=dict)
     built: list[str] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
 
 
-def cross_compiling_backend(arch: int, log: BuildLog):
+def cross_compiling_backend(arch: int, log: BuildLog, top: int = 0):
     """A torch.compile backend: inductor lowers each graph to Triton and every kernel is built for CUDA sm_`arch`;
     the graph then runs eagerly on the CPU (the built kernels cannot run here)."""
     import triton
@@ -112,7 +117,10 @@ def cross_compiling_backend(arch: int, log: BuildLog):
             log.failed.append(("<graph>", "".join(traceback.format_exception(exc))[-3000:]))
         # Each launch in the graph's wrapper code moves its kernel's estimated bytes (convolutions and matmuls,
         # which run outside Triton, are not counted: this is the memory-bound part).
-        log.graph_gb.append(sum(log.kernel_gb.get(k, 0.0) for k in re.findall(r"(\w+)\.run\(", wrapper)))
+        launches = collections.Counter(re.findall(r"(\w+)\.run\(", wrapper))
+        moved = {k: n * log.kernel_gb.get(k, 0.0) for k, n in launches.items()}
+        log.graph_gb.append(sum(moved.values()))
+        log.graph_top.append([(k, round(gb, 4)) for k, gb in sorted(moved.items(), key=lambda kv: -kv[1])[:top]])
 
         def run(args: list):
             out = eager(*args)
@@ -152,19 +160,16 @@ def build_config(preset: str, net_size: str, batch: int):
 
 
 def step_starts(cfg, sizes: int) -> list[tuple[int, int]]:
-    """Images-seen values whose target pass has `sizes` different padded batch sizes of at least 16, with those
-    sizes. (On the CPU, torch.compile guards its convolution backend choice on batch < 16, which would add a
-    CPU-only graph.)"""
-    from ectune.losses import draw_t_r
-    from ectune.training.loop import step_generator
+    """Images-seen values whose target pass has `sizes` different batch sizes of at least 16, with those sizes.
+    (On the CPU, torch.compile guards its convolution backend choice on batch < 16, which would add a CPU-only
+    graph.)"""
+    from ectune.training.loop import target_pass_rows
 
-    total, batch, found = int(cfg.train.total_kimg * 1000), cfg.train.batch, {}
+    total, found = int(cfg.train.total_kimg * 1000), {}
     for nimg in range(0, total, max(total // 400, 1)):
-        t, r = draw_t_r(cfg.objective, n=batch, nimg=nimg, total_nimg=total, generator=step_generator(cfg.train.seed, nimg))
-        m = int((r > 0).sum())
-        padded = min(-(-m // 8) * 8, batch)
-        if padded >= 16 and padded not in found.values():
-            found[nimg] = padded
+        rows = target_pass_rows(cfg, nimg)
+        if rows >= 16 and rows not in found.values():
+            found[nimg] = rows
         if len(found) == sizes:
             break
     return list(found.items())
@@ -215,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=32, help="training batch traced (the target pass sees 2 sizes)")
     p.add_argument("--arch", type=int, default=90, help="CUDA compute capability to build for (90 = H100)")
     p.add_argument("--bad-control", action="store_true", help="build the known-bad pattern instead: must fail")
+    p.add_argument("--top", type=int, default=0, help="also list the K kernels of each graph that move the most bytes")
     p.add_argument("--json", default="", help="also write the result to this file")
     args = p.parse_args(argv)
     try:
@@ -227,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     torch._dynamo.reset()
     with tempfile.TemporaryDirectory(prefix="ectune-triton-build-") as cache:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache  # a fresh inductor cache: every kernel is generated and built
-        with compile_with(cross_compiling_backend(args.arch, log)):
+        with compile_with(cross_compiling_backend(args.arch, log, args.top)):
             if args.bad_control:
                 extra = trace_bad_control()
             else:
@@ -235,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     record = dict(
         preset="bad-control" if args.bad_control else args.preset, net=args.net, batch=args.batch,
         target=f"cuda sm_{args.arch}", torch=torch.__version__, triton=triton.__version__,
-        graphs=log.graphs, graph_triton_gb=[round(gb, 3) for gb in log.graph_gb], kernels=len(set(log.built) | {n for n, _ in log.failed}),
+        graphs=log.graphs, graph_triton_gb=[round(gb, 3) for gb in log.graph_gb],
+        **(dict(graph_top_kernels_gb=log.graph_top) if args.top else {}), kernels=len(set(log.built) | {n for n, _ in log.failed}),
         builds_ok=len(log.built), builds_failed=len(log.failed), seconds=round(time.perf_counter() - start, 1), **extra,
         failures=[f"{name}: {message}" for name, message in log.failed[:3]],
     )

@@ -275,13 +275,10 @@ def test_f_theta_traces_as_one_graph(arch, dtype):
 
 
 def _steps_with_target_rows(cfg, sizes: list[int]) -> list[int]:
-    """Images-seen values whose target pass (r > 0 rows, padded to 8) has each of `sizes` rows, in that order."""
+    """Images-seen values whose target pass has each of `sizes` rows, in that order."""
     total, found = int(cfg.train.total_kimg * 1000), {}
     for nimg in range(0, total, total // 2000):
-        _, r = loop.draw_t_r(cfg.objective, n=cfg.train.batch, nimg=nimg, total_nimg=total,
-                             generator=loop.step_generator(cfg.train.seed, nimg))
-        m = int((r > 0).sum())
-        found.setdefault(min(-(-m // 8) * 8, cfg.train.batch), nimg)
+        found.setdefault(loop.target_pass_rows(cfg, nimg), nimg)
     return [found[n] for n in sizes]
 
 

@@ -69,6 +69,15 @@ def step_generator(seed: int, nimg: int, device: torch.device | str = "cpu") -> 
     return g
 
 
+def target_pass_rows(cfg: RunConfig, nimg: int) -> int:
+    """Rows the target pass of the global step at `nimg` runs: its r > 0 rows (the same draw as `training_step`),
+    padded to a multiple of 8 when compiling."""
+    _, r = draw_t_r(cfg.objective, n=cfg.train.batch, nimg=nimg, total_nimg=cfg.train.total_kimg * 1000,
+                    generator=step_generator(cfg.train.seed, nimg))
+    m, multiple = int((r > 0).sum()), 8 if cfg.train.compile else 1
+    return min(-(-m // multiple) * multiple, cfg.train.batch)
+
+
 def make_optimizer(cfg: RunConfig, params: list[nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
     o = cfg.optim
     if o.name == "radam":

@@ -45,14 +45,14 @@ def _as_i32(v: int) -> int:
 _M1, _M2, _GOLDEN = _as_i32(0x7FEB352D), _as_i32(0x846CA68B), 0x9E3779B9
 
 
-def _row_hashes(key: Tensor, salt: int, count: int, device: torch.device) -> Tensor:
-    """h[n, j] = lowbias32(seed(key[n], salt) + lowbias32(j)) for j < count, as int32 [N, count]."""
+def _row_hashes(key: Tensor, salt: int, index: Tensor, device: torch.device) -> Tensor:
+    """h[n, i] = lowbias32(seed(key[n], salt) + lowbias32(index[i])) for an int32 index tensor, as int32 [N, len]."""
     seed = hash32((key.to(device=device, dtype=torch.int64) & _MASK32) ^ ((salt * _GOLDEN) & _MASK32))
     seed = torch.where(seed >= (1 << 31), seed - (1 << 32), seed).to(torch.int32)
     # Positions are hashed before any multiplication by a large constant: inductor folds affine maths on an
-    # arange into Triton index expressions, where constants beyond int32 are rejected at compile time.
-    pos = _hash32_i32(torch.arange(count, device=device, dtype=torch.int32))
-    return _hash32_i32(seed[:, None] + pos[None, :])
+    # arange into Triton index expressions, where constants beyond int32 are rejected at compile time
+    # (benchmarks/triton_build.py --bad-control).
+    return _hash32_i32(seed[:, None] + _hash32_i32(index)[None, :])
 
 
 def keyed_int16(key: Tensor, salt: int, shape: torch.Size, device: torch.device) -> Tensor:
@@ -60,17 +60,19 @@ def keyed_int16(key: Tensor, salt: int, shape: torch.Size, device: torch.device)
 
     Each 32-bit hash gives two draws, its low half (even element) and its high half (odd element): half the
     hashing of one hash per element. In eager mode the hashing is most of a dropout layer's memory traffic, so
-    the halves come from reinterpreting the int32 buffer as int16 (free); a traced graph (torch.compile) takes
-    them with shifts instead, which fuse into one kernel. Both give the same numbers.
+    the halves come from reinterpreting the int32 buffer as int16 (free). A traced graph (torch.compile) instead
+    computes each element's draw on its own from its index (hash j // 2, take half j % 2): pure element-wise maths
+    with no interleaving step, which inductor fuses into the kernel that applies the mask, in whatever memory
+    layout that kernel uses, so no hash or draw tensor is ever written. Both give the same numbers.
     """
     per_row = int(torch.Size(shape[1:]).numel())
-    h = _row_hashes(key, salt, -(-per_row // 2), device)
     if torch.compiler.is_compiling() or sys.byteorder != "little":
+        j = torch.arange(per_row, device=device, dtype=torch.int32)
+        h = _row_hashes(key, salt, j // 2, device)
         low = ((h & 0xFFFF) ^ 0x8000) - 0x8000  # sign-extend the low half
-        halves = torch.stack([low, h >> 16], dim=-1).to(torch.int16)  # arithmetic shift: the signed high half
-    else:
-        halves = h.view(torch.int16)  # little-endian: [low, high] per int32
-    return halves.reshape(h.shape[0], -1)[:, :per_row].reshape(shape)
+        return torch.where(j % 2 == 1, h >> 16, low).to(torch.int16).reshape(shape)  # >>: the signed high half
+    h = _row_hashes(key, salt, torch.arange(-(-per_row // 2), device=device, dtype=torch.int32), device)
+    return h.view(torch.int16).reshape(h.shape[0], -1)[:, :per_row].reshape(shape)  # little-endian: [low, high]
 
 
 def keyed_uniform(key: Tensor, salt: int, shape: torch.Size, device: torch.device) -> Tensor:

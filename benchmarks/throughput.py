@@ -231,6 +231,11 @@ def bench_train(args: argparse.Namespace, cfg, data, device: torch.device, spec:
             if state["bad"] >= cfg.train.max_bad_steps:
                 raise RuntimeError(f"{state['bad']} non-finite steps in a row")
 
+    def drain() -> None:  # settle the flags still pending
+        for f in pending:
+            settle(f)
+        pending.clear()
+
     def one_step() -> None:
         nonlocal nimg
         lr = set_learning_rate(opt, cfg, nimg)
@@ -262,16 +267,12 @@ def bench_train(args: argparse.Namespace, cfg, data, device: torch.device, spec:
     sw.start()
     for _ in range(args.steps):
         one_step()
-    for f in pending:
-        settle(f)
-    pending.clear()
+    drain()
     elapsed = sw.stop()
     graphs_during = _graph_count(counters) - graphs_before
     if args.profile:
         profile_steps(one_step, device, os.path.join(args.profile, f"profile-{spec['name']}.txt"))
-        for f in pending:
-            settle(f)
-        pending.clear()
+        drain()
     loss = meter.summary(dist)["loss"]
     peak_gb = peak_memory_gb(device)
 

@@ -125,17 +125,18 @@ def test_keyed_dropout_fast_path_matches_int64_reference_and_is_uniform():
     assert not torch.equal(keyed_uniform(key, 8, shape, torch.device("cpu")), fast)  # salt matters
 
 
-def test_keyed_draws_are_the_same_from_the_int16_view_and_from_shifts(monkeypatch):
-    """Eager mode reads two draws per hash through an int16 view; traced graphs use shifts. Same numbers."""
+def test_keyed_draws_are_the_same_from_the_int16_view_and_from_the_traced_path(monkeypatch):
+    """Eager mode reads two draws per hash through an int16 view; traced graphs compute each element's draw from its
+    index (hash j // 2, half j % 2). Same numbers."""
     from ectune.nets.dropout import keyed_int16
 
     key, cpu = torch.tensor([5, 2**31 - 2, 0]), torch.device("cpu")
     for shape in (torch.Size([3, 2, 5, 7]), torch.Size([3, 4, 8, 8])):
         viewed = keyed_int16(key, 11, shape, cpu)
         monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-        shifted = keyed_int16(key, 11, shape, cpu)
+        traced = keyed_int16(key, 11, shape, cpu)
         monkeypatch.undo()
-        assert viewed.dtype == shifted.dtype == torch.int16 and torch.equal(viewed, shifted)
+        assert viewed.dtype == traced.dtype == torch.int16 and torch.equal(viewed, traced)
 
 
 def test_keyed_dropout_keeps_its_exact_probability_and_expectation():

@@ -57,7 +57,7 @@ def consistency_loss(
     dropout_key = dropout_key.to(device)
     if class_labels is not None:
         class_labels = class_labels.to(device)
-    rows = _target_rows(r, row_multiple)
+    rows = target_rows(r, row_multiple)
     t_dev, r_dev = t.to(device, torch.float32), r.to(device, torch.float32)
     bcast = (-1,) + (1,) * (x0.ndim - 1)
 
@@ -85,7 +85,7 @@ def consistency_loss(
     return w_bar * w_delta * delta.float().flatten(1).square().sum(1)
 
 
-def _target_rows(r: Tensor, row_multiple: int) -> Tensor | None:
+def target_rows(r: Tensor, row_multiple: int) -> Tensor | None:
     """Indices of the rows whose target needs the network (r > 0), padded to a multiple; None if there are none."""
     need = r > 0
     rows = need.nonzero().flatten()

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from ..config import RunConfig
 from ..data import ImageDataset, global_indices, load_batch, open_dataset, to_model_input, xflip_mask
 from ..ema import EMA
-from ..losses import consistency_loss, draw_t_r, objective_loss_kwargs, stage_nimg
+from ..losses import consistency_loss, draw_t_r, objective_loss_kwargs, stage_nimg, target_rows
 from ..model import build_model, sample_images
 from ..nets import count_params
 from ..precond import Precond
@@ -69,13 +69,17 @@ def step_generator(seed: int, nimg: int, device: torch.device | str = "cpu") -> 
     return g
 
 
+def _row_multiple(cfg: RunConfig) -> int:
+    """Target-pass rows are padded to a multiple of 8 when compiling, so the compiled graph sees few batch sizes."""
+    return 8 if cfg.train.compile else 1
+
+
 def target_pass_rows(cfg: RunConfig, nimg: int) -> int:
-    """Rows the target pass of the global step at `nimg` runs: its r > 0 rows (the same draw as `training_step`),
-    padded to a multiple of 8 when compiling."""
+    """Rows the target pass of the global step at `nimg` runs (the same draw and padding as `training_step`)."""
     _, r = draw_t_r(cfg.objective, n=cfg.train.batch, nimg=nimg, total_nimg=cfg.train.total_kimg * 1000,
                     generator=step_generator(cfg.train.seed, nimg))
-    m, multiple = int((r > 0).sum()), 8 if cfg.train.compile else 1
-    return min(-(-m // multiple) * multiple, cfg.train.batch)
+    rows = target_rows(r, _row_multiple(cfg))
+    return 0 if rows is None else rows.numel()
 
 
 def make_optimizer(cfg: RunConfig, params: list[nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
@@ -239,7 +243,7 @@ def training_step(
             loss = consistency_loss(
                 student_f, x0, t[rows], r[rows], eps[rows],
                 class_labels=labels, dropout_key=keys[rows],
-                target_f=target_f, row_multiple=8 if cfg.train.compile else 1, **loss_kwargs,
+                target_f=target_f, row_multiple=_row_multiple(cfg), **loss_kwargs,
             )
             (loss.sum() / (per_round * accum)).backward()
         loss_sum += loss.detach().sum()

@@ -15,8 +15,8 @@ from ectune.config import DataConfig
 from ectune.data import global_indices, open_dataset
 from ectune.losses import consistency_loss
 from ectune.model import build_model, load_model, sample_images
-from ectune.nets import SMALL_CONFIGS, EDM2UNet, SongUNet
-from ectune.nets.edm2 import MPConv
+from ectune.nets import SMALL_CONFIGS, DDPMppUNet, EDM2UNet
+from ectune.nets.edm2 import MPLinear
 from ectune.runtime.checkpoint import load_state
 from ectune.training.loop import train
 from test_training import TINY, needs_fmnist, tiny
@@ -32,7 +32,7 @@ class LabelRecorder:
 
     def __enter__(self) -> "LabelRecorder":
         def hook(module: nn.Module, args: tuple) -> None:
-            if isinstance(module, (SongUNet, EDM2UNet)):
+            if isinstance(module, (DDPMppUNet, EDM2UNet)):
                 labels = args[2] if len(args) > 2 else None
                 self.calls.append((None if labels is None else labels.detach().clone(), module.training))
 
@@ -87,7 +87,7 @@ def _edm2_cfg():
 
 
 def _mpconv_weights(net: nn.Module) -> list[str]:
-    return [f"{name}.weight" for name, m in net.named_modules() if isinstance(m, MPConv)]
+    return [f"{name}.weight" for name, m in net.named_modules() if isinstance(m, MPLinear)]
 
 
 @needs_fmnist

@@ -73,7 +73,7 @@ def test_import_edm_then_info_sample_and_tune(tmp_path: Path, fake_edm: Any, cap
 
 
 def test_import_edm2_with_preset_and_class_sampling(tmp_path: Path, fake_edm: Any, capsys: pytest.CaptureFixture) -> None:
-    cfg = dataclasses.replace(SMALL_CONFIGS["tiny-edm2"], img_channels=3, label_dim=10, channel_mult=(1, 2), attn_resolutions=(16,),
+    cfg = dataclasses.replace(SMALL_CONFIGS["tiny-edm2"], img_channels=3, label_dim=10, channel_mult=(1, 4), attn_resolutions=(16,),
                               num_blocks=1, dropout=0.0, dropout_res=NetConfig().dropout_res)
     pkl, marker, net = _write_edm(tmp_path, fake_edm, cfg, "edm2", dict(model_channels=16, dropout=0.1, sigma_data=0.5))
     out = tmp_path / "edm2.safetensors"

@@ -165,12 +165,13 @@ def test_edm_ddpmpp_pickle_round_trip(tmp_path: Path, fake_edm: Any, protocol: i
 
 
 def test_edm2_pickle_round_trip(tmp_path: Path, fake_edm: Any) -> None:
+    # 32 base channels: the 64-channel 8×8 level has one attention head (EDM2: 64 channels per head).
     cfg = dataclasses.replace(SMALL_CONFIGS["tiny-edm2"], img_channels=3, label_dim=10, dropout=0.0,
-                              dropout_res=NetConfig().dropout_res)
+                              dropout_res=NetConfig().dropout_res, model_channels=32)
     net = randomised(cfg)
     src, marker = booby_trap(tmp_path)
     path = tmp_path / "edm2-img64-xs.pkl"
-    write_pickle(path, fake_edm, net, "edm2", dict(model_channels=16, dropout=0.1), 4, src)
+    write_pickle(path, fake_edm, net, "edm2", dict(model_channels=32, dropout=0.1), 4, src)
 
     state = load_edm_pickle(path)
     assert "unet.out_gain" in state and "logvar_linear.weight" in state
@@ -186,7 +187,8 @@ def test_edm2_pickle_round_trip(tmp_path: Path, fake_edm: Any) -> None:
 
 
 def test_edm2_model_channels_inferred_from_shapes_without_kwargs(tmp_path: Path, fake_edm: Any) -> None:
-    cfg = dataclasses.replace(SMALL_CONFIGS["tiny-edm2"], channel_mult=(1, 2, 3), dropout=0.0,
+    # 16·(1, 2, 4): the 64-channel 8×8 level has one attention head, which the inference must find.
+    cfg = dataclasses.replace(SMALL_CONFIGS["tiny-edm2"], channel_mult=(1, 2, 4), dropout=0.0,
                               dropout_res=NetConfig().dropout_res)
     write_pickle(tmp_path / "n.pkl", fake_edm, randomised(cfg), "edm2", {}, 4, "")
     new_cfg, _ = map_to_ectune(load_edm_pickle(tmp_path / "n.pkl"), "edm2")

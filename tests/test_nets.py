@@ -11,7 +11,7 @@ import torch
 from ectune.config import NetConfig
 from ectune.nets import PAPER_CONFIGS, SMALL_CONFIGS, build_net, count_params
 from ectune.nets.dropout import KeyedDropout
-from ectune.nets.edm2 import MPConv
+from ectune.nets.edm2 import MPLinear
 from ectune.nets.layers import attention_heads
 
 
@@ -286,7 +286,7 @@ def test_edm2_forward_never_mutates_weights_and_normalize_is_explicit() -> None:
         assert torch.equal(v, before[k]), k  # a no-grad target pass must leave the weights alone
     net.normalize_weights_()
     for m in net.modules():
-        if isinstance(m, MPConv):
+        if isinstance(m, MPLinear):
             rms = m.weight.flatten(1).square().mean(dim=1).sqrt()
             torch.testing.assert_close(rms, torch.ones_like(rms), rtol=1e-3, atol=1e-3)
     with torch.no_grad():

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from ectune.config import NetConfig
 
-EdmKind = Literal["edm", "edm2"]
+EdmKind = Literal["edm", "edm2", "ddpmpp"]  # "ddpmpp" is another name for "edm" (EDM's DDPM++ network)
 
 __all__ = ["PickleRefused", "EdmPickle", "read_edm_pickle", "load_edm_pickle", "map_to_ectune", "import_edm_pickle"]
 
@@ -428,8 +428,9 @@ def map_to_ectune(state: dict[str, Tensor], kind: EdmKind, *,
     """
     from ectune.nets import build_net  # late import: importers must not be needed to build nets
 
+    kind = "edm" if kind == "ddpmpp" else kind
     if kind not in _PREFIX:
-        raise ValueError(f"kind must be 'edm' or 'edm2', got {kind!r}")
+        raise ValueError(f"kind must be 'edm' (or 'ddpmpp') or 'edm2', got {kind!r}")
     prefix = _PREFIX[kind]
     kw = dict(init_kwargs or {})
     has_prefix = any(k.startswith(prefix) for k in state)

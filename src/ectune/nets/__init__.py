@@ -1,9 +1,9 @@
-"""Networks: DDPM++ (EDM's SongUNet, CIFAR-10) and the EDM2 magnitude-preserving UNet (ImageNet-64).
+"""Networks: DDPM++ (CIFAR-10) and the EDM2 magnitude-preserving UNet (ImageNet-64).
 
 Every network built here has the same call:
 
-    net(x [N, C, H, W], c_noise [N], class_labels [N, label_dim] | None = None, *, dropout_key [N] | None = None)
-        -> [N, C, H, W]
+    net(x [N, C, H, W], c_noise [N], class_labels [N, label_dim] | None = None,
+        augment_labels [N, augment_dim] | None = None, *, dropout_key [N] | None = None) -> [N, C, H, W]
 
 with x = c_in·x_t and c_noise = ln(t)/4 supplied by the preconditioner, and `net.normalize_weights_()`, which the
 training loop calls after each optimiser step (EDM2's forced weight normalisation; a no-op for DDPM++).
@@ -14,12 +14,12 @@ from __future__ import annotations
 from torch import nn
 
 from ectune.config import NetConfig
-from ectune.nets.ddpmpp import SongUNet
+from ectune.nets.ddpmpp import DDPMppUNet
 from ectune.nets.dropout import KeyedDropout, assign_dropout_salts
 from ectune.nets.edm2 import EDM2UNet
 from ectune.nets.layers import count_params
 
-__all__ = ["build_net", "count_params", "SMALL_CONFIGS", "PAPER_CONFIGS", "SongUNet", "EDM2UNet", "KeyedDropout"]
+__all__ = ["build_net", "count_params", "SMALL_CONFIGS", "PAPER_CONFIGS", "DDPMppUNet", "EDM2UNet", "KeyedDropout"]
 
 
 def build_net(cfg: NetConfig) -> nn.Module:
@@ -28,7 +28,7 @@ def build_net(cfg: NetConfig) -> nn.Module:
     Build under `with torch.device("meta"):` to get shapes and parameter counts without allocating memory.
     """
     if cfg.arch == "ddpmpp":
-        net: nn.Module = SongUNet(cfg)
+        net: nn.Module = DDPMppUNet(cfg)
     elif cfg.arch == "edm2":
         net = EDM2UNet(cfg)
     else:

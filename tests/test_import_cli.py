@@ -19,7 +19,7 @@ from ectune.config import NetConfig
 from ectune.importers.cli import default_preset
 from ectune.model import load_model
 from ectune.nets import PAPER_CONFIGS, SMALL_CONFIGS
-from test_import_edm import _SystemCall, booby_trap, fake_edm, randomised, write_pickle  # noqa: F401 (fixture)
+from test_import_edm import FAKE_MODULE_NAMES, _SystemCall, booby_trap, fake_edm, randomised, write_pickle  # noqa: F401
 from test_training import needs_fmnist
 
 
@@ -32,12 +32,13 @@ TINY_DDPMPP = dataclasses.replace(SMALL_CONFIGS["tiny"], channel_mult=(1, 2), nu
                                   augment_dim=9, dropout=0.0)
 
 
-def _write_edm(tmp_path: Path, persistence: Any, cfg: NetConfig, kind: str, kwargs: dict) -> tuple[Path, Path, torch.nn.Module]:
+def _write_edm(tmp_path: Path, persistence: Any, cfg: NetConfig, kind: str, kwargs: dict,
+               loss_fn: Any = None) -> tuple[Path, Path, torch.nn.Module]:
     net = randomised(cfg)
     src, marker = booby_trap(tmp_path)
     path = tmp_path / f"{kind}-snapshot.pkl"
-    write_pickle(path, persistence, net, kind, kwargs, 4, src)
-    for name in ("torch_utils.persistence", "torch_utils", "dnnlib.util", "dnnlib"):
+    write_pickle(path, persistence, net, kind, kwargs, 4, src, loss_fn=loss_fn)
+    for name in FAKE_MODULE_NAMES:
         sys.modules.pop(name, None)  # importing must not need EDM's code
     return path, marker, net
 
@@ -85,6 +86,22 @@ def test_import_edm2_with_preset_and_class_sampling(tmp_path: Path, fake_edm: An
     assert stored.net == dataclasses.replace(cfg, dropout=0.1) and stored.data.use_labels
     assert stored.optim.lr == 1e-3 and stored.ema.kind == "power"  # the rest of the recipe is the preset's
     assert main(["sample", str(out), "--n", "2", "--class", "3", "--out", str(tmp_path / "c.npz")]) == 0
+    assert not marker.exists()
+
+
+def test_import_ect_snapshot(tmp_path: Path, fake_edm: Any, capsys: pytest.CaptureFixture) -> None:
+    """ECT's network-snapshot-*.pkl: the loss object next to the network holds a bound method of itself."""
+    import training.loss
+
+    loss = training.loss.PersistentLoss(booby_trap(tmp_path)[0])
+    pkl, marker, net = _write_edm(tmp_path, fake_edm, TINY_DDPMPP, "edm", EDM_KWARGS, loss_fn=loss)
+    out = tmp_path / "ect.safetensors"
+    assert main(["import-edm", str(pkl), "--out", str(out)]) == 0
+    assert "imported edm EDMPrecond" in capsys.readouterr().out
+    model, cfg, _ = load_model(out)
+    assert cfg.net == dataclasses.replace(TINY_DDPMPP, dropout=0.13)
+    for k, v in net.state_dict().items():
+        assert torch.equal(model.net.state_dict()[k], v), k
     assert not marker.exists()
 
 

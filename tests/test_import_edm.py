@@ -1,8 +1,9 @@
 """EDM/EDM2 pickle import: synthetic pickles laid out like the public ones, loaded without running their code.
 
-The fixtures write throw-away `torch_utils.persistence` and `dnnlib.util` modules, pickle a tiny ectune network
-wrapped the way EDM's persistent classes pickle themselves (source code embedded, state = module __dict__), then
-remove those modules from sys.modules and sys.path before loading, as on a machine without EDM's code.
+The fixtures write throw-away `torch_utils.persistence`, `dnnlib.util` and `training.loss` modules, pickle a tiny
+ectune network wrapped the way EDM's persistent classes pickle themselves (source code embedded, state = module
+__dict__), then remove those modules from sys.modules and sys.path before loading, as on a machine without EDM's
+code.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from torch import nn
 
 from ectune.config import NetConfig
 from ectune.importers import PickleRefused, import_edm_pickle, load_edm_pickle, map_to_ectune, read_edm_pickle
+from ectune.importers.edm_pickle import MethodRef, _RestrictedUnpickler
 from ectune.nets import SMALL_CONFIGS, build_net
 from ectune.nets.dropout import KeyedDropout
 
@@ -45,7 +47,28 @@ FAKE_MODULES = {
     '''),
     "dnnlib/__init__.py": "from .util import EasyDict\n",
     "dnnlib/util.py": "class EasyDict(dict):\n    pass\n",
+    # ECT's loss object holds a bound method of itself: fabricated as a persistent object and as a plain class.
+    "training/__init__.py": "",
+    "training/loss.py": textwrap.dedent('''
+        from torch_utils.persistence import Persistent
+
+        class _Mapping:
+            def t_to_r(self, t):
+                raise RuntimeError("a pickled bound method must never be called during a safe load")
+
+        class PersistentLoss(_Mapping, Persistent):
+            """A persistent loss: pickles through _reconstruct_persistent_obj, its state holding self.t_to_r."""
+            def __init__(self, module_src):
+                super().__init__("ECTLoss", dict(P_mean=-1.1, P_std=2.0, sigma_data=0.5), module_src)
+                self.state["mapping_fn"] = self.t_to_r
+
+        class PlainLoss(_Mapping):
+            """A plain class: pickles as NEWOBJ(training.loss.PlainLoss) + BUILD of a __dict__ holding self.t_to_r."""
+            def __init__(self, module_src):
+                self.P_mean, self.mapping_fn = -1.1, self.t_to_r
+    '''),
 }
+FAKE_MODULE_NAMES = ("torch_utils.persistence", "torch_utils", "dnnlib.util", "dnnlib", "training.loss", "training")
 
 
 @pytest.fixture
@@ -56,7 +79,6 @@ def fake_edm(tmp_path: Path) -> Iterator[Any]:
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_text(src)
     sys.path.insert(0, str(root))
-    names = ["torch_utils", "torch_utils.persistence", "dnnlib", "dnnlib.util"]
     try:
         import dnnlib  # noqa: F401
         import torch_utils.persistence as persistence
@@ -64,7 +86,7 @@ def fake_edm(tmp_path: Path) -> Iterator[Any]:
         yield persistence
     finally:
         sys.path.remove(str(root))
-        for name in names:
+        for name in FAKE_MODULE_NAMES:
             sys.modules.pop(name, None)
 
 
@@ -93,7 +115,7 @@ def as_persistent(module: nn.Module, persistence: Any, module_src: str) -> Any:
 
 
 def write_pickle(path: Path, persistence: Any, net: nn.Module, kind: str, init_kwargs: dict[str, Any],
-                 protocol: int, module_src: str) -> None:
+                 protocol: int, module_src: str, *, loss_fn: Any = None) -> None:
     import dnnlib
 
     inner = as_persistent(net, persistence, module_src)
@@ -106,7 +128,8 @@ def write_pickle(path: Path, persistence: Any, net: nn.Module, kind: str, init_k
     precond_state = dict(training=False, _parameters={}, _buffers={}, _modules=collections.OrderedDict(modules),
                          _init_args=(), _init_kwargs=dnnlib.EasyDict(init_kwargs), sigma_data=0.5)
     precond = persistence.Persistent("EDMPrecond" if kind == "edm" else "Precond", precond_state, module_src)
-    loss = persistence.Persistent("EDMLoss", dict(P_mean=-1.2, P_std=1.2, sigma_data=0.5), module_src)
+    loss = loss_fn if loss_fn is not None else persistence.Persistent(
+        "EDMLoss", dict(P_mean=-1.2, P_std=1.2, sigma_data=0.5), module_src)
     if kind == "edm":
         data: Any = dict(ema=precond, loss_fn=loss, augment_pipe=None,
                          dataset_kwargs=dnnlib.EasyDict(class_name="training.dataset.ImageFolderDataset", path="x.zip"))
@@ -195,6 +218,29 @@ def test_edm2_model_channels_inferred_from_shapes_without_kwargs(tmp_path: Path,
     assert new_cfg == cfg
 
 
+@pytest.mark.parametrize("loss_class", ["PersistentLoss", "PlainLoss"])
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_ect_snapshot_loss_with_a_bound_method(tmp_path: Path, fake_edm: Any, loss_class: str, protocol: int) -> None:
+    import training.loss
+
+    net = randomised(SMALL_CONFIGS["tiny"])
+    src, marker = booby_trap(tmp_path)
+    ect, edm = tmp_path / "network-snapshot-000100.pkl", tmp_path / "edm.pkl"
+    write_pickle(ect, fake_edm, net, "edm", {}, protocol, src, loss_fn=getattr(training.loss, loss_class)(src))
+    write_pickle(edm, fake_edm, net, "edm", {}, protocol, src)
+    assert b"getattr" in ect.read_bytes()  # the bound method really is pickled as builtins.getattr(loss, 't_to_r')
+    for name in FAKE_MODULE_NAMES:
+        sys.modules.pop(name, None)
+
+    (cfg, sd), (edm_cfg, edm_sd) = import_edm_pickle(ect), import_edm_pickle(edm)
+    assert cfg == edm_cfg and sd.keys() == edm_sd.keys() and all(torch.equal(sd[k], edm_sd[k]) for k in sd)
+    with ect.open("rb") as f:
+        loss = _RestrictedUnpickler(f).load()["loss_fn"]
+    owner = "ECTLoss" if loss_class == "PersistentLoss" else "training.loss.PlainLoss"
+    assert loss.__dict__["state"]["mapping_fn"] == MethodRef(owner, "t_to_r")  # names only, as data
+    assert not marker.exists()
+
+
 # ---------------------------------------------------------------------------------------------- refusals
 
 
@@ -236,6 +282,43 @@ def test_builtins_eval_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "eval.pkl"
     path.write_bytes(pickle.dumps({"ema": _Eval()}))
     with pytest.raises(PickleRefused, match="builtins.eval"):
+        load_edm_pickle(path)
+
+
+def _getattr(obj: bytes, name: str) -> bytes:
+    """Protocol-0 opcodes for builtins.getattr(obj, name)."""
+    return b"cbuiltins\ngetattr\n(" + obj + b"V" + name.encode() + b"\ntR"
+
+
+def _call(fn: bytes, arg: str) -> bytes:
+    """Protocol-0 opcodes for fn(arg)."""
+    return fn + b"(V" + arg.encode() + b"\ntR"
+
+
+def _os_via_getattr() -> bytes:
+    """os, reached with the real getattr from whitelisted names only: set.__globals__['__builtins__']['__import__']."""
+    builtins_dict = _call(_getattr(_getattr(b"cbuiltins\nset\n", "__globals__"), "get"), "__builtins__")
+    return _call(_call(_getattr(builtins_dict, "get"), "__import__"), "os")
+
+
+@pytest.mark.parametrize("os_module, refusal", [
+    (_os_via_getattr(), r"refusing to call MethodRef\.get"),  # the first call of a method reference
+    (_call(b"cbuiltins\n__import__\n", "os"), r"refusing to load global builtins\.__import__"),
+], ids=["set.__globals__-chain", "builtins.__import__"])
+def test_getattr_reaches_no_real_function(tmp_path: Path, os_module: bytes, refusal: str) -> None:
+    marker = tmp_path / "PWNED"
+    path = tmp_path / "getattr.pkl"
+    path.write_bytes(b"(Vema\n" + _call(_getattr(os_module, "system"), f"touch {marker}") + b"d.")
+    with pytest.raises(PickleRefused, match=refusal):
+        load_edm_pickle(path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("args", [b"V__globals__\nI0\n", b"I1\n", b""], ids=["default", "int-name", "no-name"])
+def test_getattr_other_than_a_bound_method_is_refused(tmp_path: Path, args: bytes) -> None:
+    path = tmp_path / "getattr.pkl"
+    path.write_bytes(b"(Vema\ncbuiltins\ngetattr\n(cbuiltins\nset\n" + args + b"tRd.")
+    with pytest.raises(PickleRefused, match=r"builtins\.getattr is only allowed as \(object, attribute name\)"):
         load_edm_pickle(path)
 
 

@@ -49,7 +49,7 @@ def cmd_import_edm(command: str, rest: Sequence[str]) -> int:
 
     p = argparse.ArgumentParser(prog="ectune import-edm",
                                 description="convert an EDM/EDM2 network pickle (without running its code) to an ectune model")
-    p.add_argument("pickle", type=Path, help="network-snapshot-*.pkl (EDM) or edm2-*.pkl (EDM2)")
+    p.add_argument("pickle", type=Path, help="network-snapshot-*.pkl (EDM, ECT) or edm2-*.pkl (EDM2)")
     p.add_argument("--out", type=Path, required=True, help="MODEL.safetensors to write")
     p.add_argument("--kind", choices=("edm", "edm2"), default=None, help="default: guessed from the network's layout")
     p.add_argument("--preset", choices=preset_names(), default=None,

@@ -1,4 +1,4 @@
-"""Read the public EDM / EDM2 network pickles without executing any code they contain.
+"""Read the public EDM / EDM2 network pickles and ECT's training snapshots without executing any code they contain.
 
 Layout of those files (plain `pickle.dump` of a dict, protocol 2-4):
   {'ema': <Precond>, 'loss_fn': ..., 'augment_pipe' | 'encoder': ..., 'dataset_kwargs': dnnlib.EasyDict, ...}
@@ -14,6 +14,12 @@ so loading them normally *executes the embedded source*. The state dict holds `_
 functions is replaced by our own implementations (which parse the storage bytes themselves), anything from the
 EDM code base (`torch_utils`, `training`, `dnnlib`) or from `torch.nn.modules` becomes an inert stand-in that just
 records its state, and everything else (os.system, builtins.eval, subprocess, ...) is refused before it can run.
+
+ECT's training snapshots (`network-snapshot-*.pkl`) have the same layout, but their loss object holds a bound
+method of itself, which pickles as `builtins.getattr(loss, 'method_name')`. The real getattr would let a pickle
+reach any attribute of anything it can name (a function's `__globals__`, then `eval`), so `builtins.getattr` is
+answered by `_method_ref`, which looks nothing up: it returns a `MethodRef` recording the owner's class name and
+the attribute name as data, and calling a `MethodRef` is refused.
 """
 
 from __future__ import annotations
@@ -35,7 +41,8 @@ from ectune.config import NetConfig
 
 EdmKind = Literal["edm", "edm2", "ddpmpp"]  # "ddpmpp" is another name for "edm" (EDM's DDPM++ network)
 
-__all__ = ["PickleRefused", "EdmPickle", "read_edm_pickle", "load_edm_pickle", "map_to_ectune", "import_edm_pickle"]
+__all__ = ["PickleRefused", "MethodRef", "EdmPickle", "read_edm_pickle", "load_edm_pickle", "map_to_ectune",
+           "import_edm_pickle"]
 
 
 class PickleRefused(pickle.UnpicklingError):
@@ -104,6 +111,32 @@ def _reconstruct_persistent_obj(meta: Any) -> PersistentStandIn:
     obj.__dict__["class_name"] = str(meta.get("class_name", "?"))
     obj.__dict__["state"] = meta["state"]
     return obj
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodRef:
+    """What `builtins.getattr(obj, name)` gives here: a pickled bound method's names, as data, never looked up."""
+
+    owner: str  # class of the method's object, e.g. 'EDMLoss' (a persistent class) or 'training.loss.X' (a stand-in)
+    name: str
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:  # a pickle that REDUCEs the reference gets no call
+        raise PickleRefused(f"refusing to call {self.owner}.{self.name}: a pickled method reference is kept as data "
+                            "(this pickle may try to run code; nothing was executed)")
+
+
+def _method_ref(*args: Any) -> MethodRef:
+    """Safe `builtins.getattr`, for bound methods only: (obj, name) -> MethodRef, without touching `obj`."""
+    if len(args) != 2 or not isinstance(args[1], str):
+        raise PickleRefused("builtins.getattr is only allowed as (object, attribute name), i.e. a pickled bound method")
+    obj, name = args
+    if isinstance(obj, PersistentStandIn):
+        owner = obj.class_name
+    elif isinstance(obj, StandIn):
+        owner = obj.stand_in_for
+    else:
+        owner = type(obj).__qualname__  # not an object of the EDM code base: named by its type, nothing read from it
+    return MethodRef(owner, name)
 
 
 # --------------------------------------------------------------------------------------------- tensor rebuilding
@@ -242,6 +275,7 @@ _ALLOWED: dict[tuple[str, str], Any] = {
     ("collections", "OrderedDict"): collections.OrderedDict,
     ("builtins", "set"): _safe_set,
     ("builtins", "frozenset"): _safe_frozenset,
+    ("builtins", "getattr"): _method_ref,
     ("_codecs", "encode"): _codecs_encode,
     ("torch_utils.persistence", "_reconstruct_persistent_obj"): _reconstruct_persistent_obj,
     ("numpy.core.multiarray", "scalar"): _numpy_scalar,

@@ -43,10 +43,14 @@ ACTIVATION_CLIP = 256.0  # guards the fp16/bf16 range; never reached by a health
 SILU_RMS = 0.596  # RMS of SiLU(z) for z ~ N(0, 1)
 
 
+def _at_least_fp32(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def rms_normalize(x: Tensor, dim: int | tuple[int, ...], eps: float = 1e-4) -> Tensor:
     """x / (ε + RMS of x over `dim`): unit root-mean-square along `dim`, ε guarding against zero vectors."""
-    rms = torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=torch.promote_types(x.dtype, torch.float32))
-    rms = rms / math.sqrt(math.prod(x.shape[d] for d in ((dim,) if isinstance(dim, int) else dim)))
+    rms = torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=_at_least_fp32(x.dtype))
+    rms = rms / math.sqrt(x.numel() // rms.numel())  # norm → RMS: divide by √(elements reduced per vector)
     return x / (eps + rms).to(x.dtype)
 
 
@@ -78,7 +82,7 @@ class MPLinear(nn.Module):
         self.weight = nn.Parameter(torch.randn(out_channels, in_channels, *kernel))
 
     def effective_weight(self, gain: float | Tensor = 1.0) -> Tensor:
-        w = self.weight.to(torch.promote_types(self.weight.dtype, torch.float32))
+        w = self.weight.to(_at_least_fp32(self.weight.dtype))
         fan_in = w[0].numel()
         # rows of unit RMS, divided by √fan_in: rows of unit norm
         return rms_normalize(w, dim=tuple(range(1, w.ndim))) * (gain / math.sqrt(fan_in))

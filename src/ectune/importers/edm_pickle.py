@@ -31,6 +31,7 @@ import io
 import math
 import pickle
 import re
+import struct
 from pathlib import Path
 from typing import Any, Literal
 
@@ -258,10 +259,14 @@ def _numpy_dtype(spec: Any, *args: Any) -> Any:
 
 
 def _safe_set(items: Any = ()) -> set:
+    items = list(items)
+    _check_keys(items)
     return set(items)
 
 
 def _safe_frozenset(items: Any = ()) -> frozenset:
+    items = list(items)
+    _check_keys(items)
     return frozenset(items)
 
 
@@ -288,8 +293,124 @@ _ALLOWED.update({("torch", name): _StorageType(dtype) for name, dtype in _STORAG
 _INERT_PACKAGES = ("torch_utils", "training", "dnnlib", "torch.nn.modules")
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    """An Unpickler that can only produce data: whitelisted rebuild functions or inert stand-ins."""
+# --------------------------------------------------------------------------------------------- resource bounds
+
+# A real network pickle has a few thousand objects nested a few levels deep (EDM2-XL: ~1,700 tensors).
+_MAX_WALK = 1_000_000  # objects visited when walking what the pickle built, shared references counted each time
+_MAX_DEPTH = 100
+_MAX_KEY_NODES = 1_000  # objects in one dict key or set element (hashing walks all of them, shared ones again)
+
+
+def _children(node: Any) -> list[Any] | None:
+    """The objects a walk over `node` visits next; None for a leaf."""
+    if isinstance(node, StandIn):  # a dict subclass: its items, and what it recorded (args, kwargs, state, items)
+        return [*node.keys(), *node.values(), *node.__dict__.values()]
+    if isinstance(node, dict):
+        return [*node.keys(), *node.values()]
+    if isinstance(node, (list, tuple, set, frozenset)):
+        return list(node)
+    return None
+
+
+def _check_walkable(obj: Any, *, what: str, budget: int = _MAX_WALK) -> None:
+    """Refuse a structure that contains itself, nests deeper than `_MAX_DEPTH`, or expands past `budget` objects
+    when walked. Unpickling only links shared references (a few hundred bytes can reference one list from every
+    level of a deep nest), but every walk (flattening, hashing, printing) visits them once per reference: a
+    "billion laughs" that would hang the reader or exhaust memory."""
+    seen = 0
+    on_path: set[int] = set()
+    stack: list[tuple[Any, int, bool]] = [(obj, 0, False)]
+    while stack:
+        node, depth, leaving = stack.pop()
+        if leaving:
+            on_path.discard(id(node))
+            continue
+        seen += 1
+        if seen > budget:
+            raise PickleRefused(f"{what} expands to more than {budget:,} objects when walked (shared references "
+                                "repeated over and over); refused before walking it")
+        children = _children(node)
+        if children is None:
+            continue
+        if id(node) in on_path:
+            raise PickleRefused(f"{what} contains itself (a cyclic structure); a network pickle has none")
+        if depth >= _MAX_DEPTH:
+            raise PickleRefused(f"{what} is nested more than {_MAX_DEPTH} levels deep; a network pickle is not")
+        on_path.add(id(node))
+        stack.append((node, depth, True))
+        stack.extend((c, depth + 1, False) for c in children)
+
+
+def _check_keys(keys: Any) -> None:
+    for key in keys:
+        if not isinstance(key, (str, bytes, int, float, bool, type(None))):
+            _check_walkable(key, what="a dict key or set element", budget=_MAX_KEY_NODES)
+
+
+class _SizeCheckedFile:
+    """Read-only view of a file that refuses reads past its end: a length field larger than what is left of the
+    file (an "8-exabyte string" in 14 bytes) is refused before anything that size is allocated."""
+
+    def __init__(self, f: Any) -> None:
+        self._f = f
+        here = f.tell()
+        self._left = f.seek(0, io.SEEK_END) - here
+        f.seek(here)
+
+    def _take(self, n: int) -> None:
+        if n > self._left:
+            raise pickle.UnpicklingError(f"the pickle declares an object of {n:,} bytes where only {self._left:,} "
+                                         "bytes of the file are left (truncated or forged)")
+
+    def read(self, n: int = -1) -> bytes:
+        n = self._left if n is None or n < 0 else n
+        self._take(n)
+        data = self._f.read(n)
+        self._left -= len(data)
+        return data
+
+    def readinto(self, buf: Any) -> int:
+        self._take(len(memoryview(buf).cast("B")))
+        got = self._f.readinto(buf)
+        self._left -= got
+        return got
+
+    def readline(self) -> bytes:
+        line = self._f.readline()
+        self._left -= len(line)
+        return line
+
+
+def _keys_checked(load: Any, keys_on_stack: Any) -> Any:
+    """An opcode handler that bounds the cost of hashing the keys it is about to insert, then runs `load`."""
+    def handler(self: pickle._Unpickler) -> None:
+        _check_keys(keys_on_stack(self.stack))
+        load(self)
+    return handler
+
+
+def _load_bytearray8(self: pickle._Unpickler) -> None:
+    # The base handler allocates (and zero-fills) the declared size before reading: check it against the file first.
+    (n,) = struct.unpack("<Q", self.read(8))
+    self.append(bytearray(self.read(n)))
+
+
+class _RestrictedUnpickler(pickle._Unpickler):
+    """An Unpickler that can only produce data: whitelisted rebuild functions or inert stand-ins.
+
+    It is Python's own Unpickler in its pure-Python form, so that the opcodes which hash keys (dicts, sets) can be
+    bounded; reads go through `_SizeCheckedFile`.
+    """
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+    _U = pickle._Unpickler
+    dispatch[pickle.SETITEM[0]] = _keys_checked(_U.load_setitem, lambda stack: stack[-2:-1])
+    dispatch[pickle.SETITEMS[0]] = _keys_checked(_U.load_setitems, lambda stack: stack[0::2])
+    dispatch[pickle.DICT[0]] = _keys_checked(_U.load_dict, lambda stack: stack[0::2])
+    dispatch[pickle.ADDITEMS[0]] = _keys_checked(_U.load_additems, lambda stack: stack)
+    dispatch[pickle.FROZENSET[0]] = _keys_checked(_U.load_frozenset, lambda stack: stack)
+    dispatch[pickle.BYTEARRAY8[0]] = _load_bytearray8
+    del _U
 
     def find_class(self, module: str, name: str) -> Any:
         # Protocol-2 pickles written by Python 3 spell some modules the Python 2 way (__builtin__.set).
@@ -309,7 +430,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         )
 
     def __init__(self, file: Any, persistent_handler: Any = None) -> None:
-        super().__init__(file)
+        super().__init__(_SizeCheckedFile(file))
         self._persistent_handler = persistent_handler
 
     def persistent_load(self, pid: Any) -> Any:
@@ -367,12 +488,18 @@ def read_edm_pickle(path: str | Path, *, key: str = "ema") -> EdmPickle:
             data = _RestrictedUnpickler(f).load()
         except PickleRefused as e:
             raise PickleRefused(f"{path}: {e}") from None
+        except MemoryError:
+            raise pickle.UnpicklingError(f"{path}: the pickle declares objects larger than the memory available") from None
     if not isinstance(data, dict) or key not in data:
         found = sorted(map(str, data)) if isinstance(data, dict) else type(data).__name__
         raise ValueError(f"{path}: expected an EDM network pickle (a dict with key {key!r}), found {found}")
     net = data[key]
     if not isinstance(net, PersistentStandIn):
         raise ValueError(f"{path}: data[{key!r}] is not a torch_utils.persistence network object")
+    try:
+        _check_walkable(net, what=f"data[{key!r}]")
+    except PickleRefused as e:
+        raise PickleRefused(f"{path}: {e}") from None
     state: dict[str, Tensor] = {}
     _collect(net, "", state)
     init_kwargs = _plain(_state_of(net).get("_init_kwargs") or {})

@@ -133,6 +133,10 @@ class SampleConfig:
     heun_steps: int = 18  # EDM Heun: 2*steps - 1 NFE
     sigma_min: float = 0.002
     rho: float = 7.0
+    # Boundary of the consistency function at sample time, independent of training's precond.sigma_min_shift:
+    # σ_min > 0 samples with the reference code's shifted scalings (its eval mode; 0.003 for the public ECT
+    # checkpoints, 0.002 for some), 0 with the exact f(x, 0) = x; None = the training boundary.
+    sigma_min_shift: float | None = None
 
 
 @dataclass(frozen=True)

@@ -22,9 +22,9 @@ from ..config import RunConfig
 from ..data import ImageDataset, global_indices, load_batch, open_dataset, to_model_input, xflip_mask
 from ..ema import EMA
 from ..losses import consistency_loss, draw_t_r, objective_loss_kwargs, stage_nimg, target_rows
-from ..model import build_model, sample_images
+from ..model import build_model, sample_images, sampling_boundary
 from ..nets import count_params
-from ..precond import Precond
+from ..precond import Precond, replace_precond
 from ..runtime import distributed as rt_dist
 from ..runtime.checkpoint import load_state, save_model, save_state
 from ..sampling import to_uint8
@@ -102,6 +102,7 @@ def train(
     show_progress: bool = True,
 ) -> TrainResult:
     """Train (or resume) the run in `run_dir` to cfg.train.total_kimg (or `until_kimg`, whichever is first)."""
+    sampling_boundary(cfg)  # a bad sample.sigma_min_shift stops here, not at the first sample grid
     device = resolve_device(cfg.train.device)
     dist = rt_dist.init_distributed(device.type)
     if dist.world_size > 1 and device.type == "cuda":
@@ -398,7 +399,7 @@ def _wrap_for_training(model: Precond, cfg: RunConfig, dist: rt_dist.Dist,
     if cfg.train.compile and dist.world_size == 1:
         target_model = torch.compile(model)  # an OptimizedModule: .net, .compute_dtype etc. reach `model`
     elif cfg.train.compile:
-        target_model = replace_net(model, torch.compile(model.net))
+        target_model = replace_precond(model, net=torch.compile(model.net))
     else:
         target_model = model
     train_model: nn.Module = target_model
@@ -435,12 +436,6 @@ def recompute_norms(choice: str, device: torch.device, *, compiled: bool) -> boo
     if choice not in ("auto", "on", "off"):
         raise ValueError(f"--train.recompute-norms must be auto, on or off, got {choice!r}")
     return choice == "on" or (choice == "auto" and device.type == "cuda" and not compiled)
-
-
-def replace_net(model: Precond, net: nn.Module) -> Precond:
-    """A Precond sharing `model`'s settings around another (e.g. compiled) view of the same network."""
-    return Precond(net, sigma_data=model.sigma_data, sigma_min_shift=model.sigma_min_shift,
-                   label_dim=model.label_dim, compute_dtype=model.compute_dtype)
 
 
 def _set_backend_flags(cfg: RunConfig, device: torch.device) -> None:

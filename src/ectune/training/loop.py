@@ -278,7 +278,9 @@ def set_learning_rate(opt: torch.optim.Optimizer, cfg: RunConfig, nimg: int) -> 
 
 def restore(run: RunDir, cfg: RunConfig, net: nn.Module, opt: torch.optim.Optimizer, ema: EMA,
             init: Path | str | None, device: torch.device) -> tuple[int, int]:
-    """Resume from the run's training state, or start from `init` weights, or from scratch. Returns (nimg, skipped)."""
+    """Resume from the run's training state, or start from `init` weights, or from scratch. Returns (nimg, skipped).
+
+    A new start normalises EDM2's weights before the first step (see below); a resume loads them as saved."""
     if run.state.exists():
         state = load_state(run.state)
         net.load_state_dict(state["net"], strict=True)
@@ -290,8 +292,15 @@ def restore(run: RunDir, cfg: RunConfig, net: nn.Module, opt: torch.optim.Optimi
 
         init_model, _, _ = load_model(init)
         net.load_state_dict(init_model.net.state_dict(), strict=True)
-        for avg in ema.averages:  # the averages start from the pretrained weights, not a random net
-            torch._foreach_copy_(avg, [v.float() for k, v in net.state_dict().items() if k in ema.names])
+    # EDM2's forced weight normalisation (no-op for DDPM++) before the first step, not only after each one: the
+    # reference normalises inside every student pass, so its first step already starts from unit-RMS rows, which
+    # imported weights (EDM2's post-hoc EMAs) and a fresh init do not have. The forward pass uses normalised weights
+    # either way, but a row of RMS s gets 1/s times the gradient, and an update of a given size turns it 1/s times
+    # as far, so the first step would differ. A resumed state was saved normalised, and normalising again is not a
+    # no-op (w/(ε + RMS)), so a resume skips this and stays bit-exact.
+    net.normalize_weights_()
+    for avg in ema.averages:  # the averages start from the weights the first step starts from, not a random net
+        torch._foreach_copy_(avg, [v.float() for k, v in net.state_dict().items() if k in ema.names])
     return 0, 0
 
 

@@ -132,3 +132,88 @@ def test_edm2_target_pass_leaves_weights_unchanged() -> None:
         assert torch.equal(v, before[k]), k
     loss.sum().backward()
     assert all(p.grad is not None for n_, p in model.net.named_parameters() if n_ in _mpconv_weights(model.net))
+
+
+def _off_sphere(net: nn.Module) -> dict[str, torch.Tensor]:
+    """The network's state with every MPLinear weight scaled off the unit sphere (per-tensor factors 0.5 … 1.7, as
+    a post-hoc EMA checkpoint's rows are not unit norm) and its scalar gains at 1, as in a trained network (EDM2
+    starts its output gain at 0, which zeroes every other weight's gradient)."""
+    state = {k: v.clone() if v.ndim else torch.ones_like(v) for k, v in net.state_dict().items()}
+    for i, name in enumerate(_mpconv_weights(net)):
+        state[name] *= 0.5 + 0.4 * (i % 4)
+    return state
+
+
+def _unit_rms_rows(w: torch.Tensor) -> torch.Tensor:
+    """Each output row divided by its root mean square (by hand, in float64)."""
+    w64 = w.double()
+    return (w64 / w64.flatten(1).square().mean(1).sqrt().reshape(-1, *[1] * (w.ndim - 1))).float()
+
+
+def test_training_setup_normalises_edm2_weights_but_not_on_resume(tmp_path: Path) -> None:
+    from ectune.ema import EMA
+    from ectune.runtime.checkpoint import save_model, save_state
+    from ectune.training.loop import make_optimizer, restore
+    from ectune.training.rundir import RunDir
+
+    cfg = _edm2_cfg()
+    torch.manual_seed(0)
+    scaled = _off_sphere(build_model(cfg).net)
+    names = _mpconv_weights(build_model(cfg).net)
+    init = tmp_path / "init.safetensors"
+    save_model(init, scaled, cfg)
+
+    def set_up(init_path, run_name, start=None):
+        net = build_model(cfg).net
+        if start is not None:
+            net.load_state_dict(start)
+        opt, ema = make_optimizer(cfg, list(net.parameters()), torch.device("cpu")), EMA(net, cfg.ema)
+        nimg, _ = restore(RunDir(tmp_path / run_name), cfg, net, opt, ema, init_path, torch.device("cpu"))
+        return net, ema, nimg
+
+    # --init and a fresh start: before any step, every MPLinear row has unit RMS, and the EMA starts from them.
+    for init_path, start in ((init, None), (None, scaled)):
+        net, ema, nimg = set_up(init_path, f"new-{init_path is None}", start)
+        assert nimg == 0
+        for name in names:
+            w = net.state_dict()[name].flatten(1)
+            assert not torch.allclose(scaled[name].flatten(1).square().mean(1), torch.ones(w.shape[0]), atol=0.1)
+            # RMS s/(ε + s) with ε = 1e-4: 1 up to ε/s
+            torch.testing.assert_close(w.square().mean(1).sqrt(), torch.ones(w.shape[0]), atol=2e-3, rtol=0)
+        ema_weights = ema.state_dict(0)
+        assert all(torch.equal(ema_weights[k], v) for k, v in net.state_dict().items())
+
+    # A resumed state is loaded exactly as saved (normalising again would not be a no-op).
+    net, ema, _ = set_up(init, "new-False")
+    resumed_dir = tmp_path / "resumed"
+    resumed_dir.mkdir()
+    opt = make_optimizer(cfg, list(net.parameters()), torch.device("cpu"))
+    save_state(resumed_dir / "state.pt", {"net": scaled, "opt": opt.state_dict(), "ema": ema.to_state(), "nimg": 32,
+                                          "skipped": 0})
+    net, _, nimg = set_up(init, "resumed")
+    assert nimg == 32 and all(torch.equal(net.state_dict()[k], v) for k, v in scaled.items())
+
+
+@needs_fmnist
+def test_first_edm2_step_from_unnormalised_weights_equals_the_one_from_unit_rows(tmp_path: Path) -> None:
+    """One Adam step tuned from an off-sphere checkpoint updates the weights as one from the same checkpoint with
+    unit-RMS rows: Adam moves each element by ≈ lr whatever the scale, which turns a row of RMS s 1/s times as far,
+    so without the normalisation before the first step the two would differ by ~40 % of the update."""
+    cfg = _edm2_cfg()
+    cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, name="adam", lr=0.01))
+    torch.manual_seed(0)
+    scaled = _off_sphere(build_model(cfg).net)
+    names = _mpconv_weights(build_model(cfg).net)
+    unit = {k: _unit_rms_rows(v) if k in names else v for k, v in scaled.items()}
+    from ectune.runtime.checkpoint import save_model
+
+    after = {}
+    for label, weights in (("scaled", scaled), ("unit", unit)):
+        save_model(tmp_path / f"{label}.safetensors", weights, cfg)
+        result = train(cfg, tmp_path / label, init=tmp_path / f"{label}.safetensors", until_kimg=0.016, show_progress=False)
+        assert result.nimg == 16 and result.skipped_steps == 0
+        after[label] = load_state(tmp_path / label / "state.pt")["net"]
+    for name in names:
+        update = (after["unit"][name] - unit[name]).norm()
+        assert update > 0.5 * 0.01 * unit[name].norm(), name  # Adam moved each element by about lr = 0.01
+        assert (after["scaled"][name] - after["unit"][name]).norm() < 0.02 * update, name

@@ -129,6 +129,20 @@ def test_search_mid_t_rewrites_model_and_sample_uses_it(tiny_model, capsys, fake
     assert not np.array_equal(outs["default"], outs["old"])
 
 
+def test_eval_sigma_min_shift_flag_equals_the_stored_boundary(tiny_model, capsys, fake_extractor, tmp_path):
+    """`ectune eval --sigma-min-shift S` evaluates with the sampling boundary S, the same as a model file storing S;
+    the result names the boundary used."""
+    common = ["--n", "6", "--steps", "1,2", "--device", "cpu"]
+    plain = _eval([str(tiny_model), *common, "--out", str(tmp_path / "a.json")], capsys)
+    flag = _eval([str(tiny_model), *common, "--sigma-min-shift", "0.5", "--out", str(tmp_path / "b.json")], capsys)
+    cfg, extra = read_model_meta(tiny_model)
+    stored = tmp_path / "stored.safetensors"
+    save_model(stored, load_model_weights(tiny_model), dataclasses.replace(cfg, sample=dataclasses.replace(cfg.sample, sigma_min_shift=0.5)), extra=extra)
+    kept = _eval([str(stored), *common, "--out", str(tmp_path / "c.json")], capsys)
+    assert plain["sigma_min_shift"] == 0.0 and flag["sigma_min_shift"] == kept["sigma_min_shift"] == 0.5
+    assert flag["fd"] == kept["fd"] and flag["fd"]["2step"] != plain["fd"]["2step"]
+
+
 def test_ref_stats_cli_prints_cache_path(tiny_model, capsys, fake_extractor, tmp_path):
     data_dir = tiny_model.parent.parent / "data"
     assert main(["ref-stats", "--data.source", "idx", "--data.path", str(data_dir), "--data.resolution", "32",

@@ -105,6 +105,21 @@ def test_import_ect_snapshot(tmp_path: Path, fake_edm: Any, capsys: pytest.Captu
     assert not marker.exists()
 
 
+def test_import_stores_the_sampling_boundary(tmp_path: Path, fake_edm: Any, capsys: pytest.CaptureFixture) -> None:
+    """`--sigma-min-shift 0.003` stores the reference code's eval-mode boundary as the model's sampling default (the
+    training boundary stays exact); without it the model samples with the training boundary; a bad value writes nothing."""
+    pkl, _, _ = _write_edm(tmp_path, fake_edm, TINY_DDPMPP, "edm", EDM_KWARGS)
+    plain, shifted = tmp_path / "plain.safetensors", tmp_path / "shifted.safetensors"
+    assert main(["import-edm", str(pkl), "--out", str(plain)]) == 0
+    assert main(["import-edm", str(pkl), "--out", str(shifted), "--sigma-min-shift", "0.003"]) == 0
+    assert load_model(plain)[1].sample.sigma_min_shift is None
+    cfg = load_model(shifted)[1]
+    assert cfg.sample.sigma_min_shift == 0.003 and cfg.precond.sigma_min_shift == 0.0
+    bad = tmp_path / "bad.safetensors"
+    assert main(["import-edm", str(pkl), "--out", str(bad), "--sigma-min-shift", "-1"]) == 1
+    assert "sampling boundary" in capsys.readouterr().err and not bad.exists()
+
+
 def test_default_preset_follows_the_network() -> None:
     assert default_preset(PAPER_CONFIGS["cifar10-ddpmpp"], Path("x.pkl")) == "cifar10"
     for size in ("s", "m", "l", "xl"):

@@ -56,7 +56,7 @@ def test_target_pass_has_no_grad_and_matches_manual_stop_gradient(tiny_net):
     student = f(x0 + t.reshape(-1, 1, 1, 1) * eps, t, dropout_key=key)
     target = f(x0 + r.reshape(-1, 1, 1, 1) * eps, r, dropout_key=key).detach()
     d = (student - target).flatten(1)
-    manual = (1 / (t - r)) * (d.square().sum(1) + 0.01).rsqrt().detach() * d.square().sum(1)
+    manual = (1 / (t - r)) * ((d.square().sum(1) + 0.01).sqrt() - 0.1)  # pseudo-Huber, c = 0.1
     assert torch.allclose(manual, loss.detach(), rtol=1e-5)
     manual.mean().backward()
     for a, b in zip(g1, tiny_net.parameters()):
@@ -187,3 +187,90 @@ def test_keyed_dropout_compiles_to_the_same_numbers():
     dynamic = torch.compile(layer, dynamic=True, fullgraph=True)  # the target pass's batch size varies
     for rows in ([0, 2], [1]):
         assert torch.equal(dynamic(x[rows], key[rows]), eager[rows])  # a row's mask is the same in any sub-batch
+
+
+class ToyDelta:
+    """A denoiser whose student pass returns target + δ (δ a leaf tensor) and whose no-grad target pass returns the
+    target, so consistency_loss sees exactly Δ = δ and autograd gives the per-sample loss's gradient w.r.t. Δ."""
+
+    def __init__(self, target: torch.Tensor, delta: torch.Tensor) -> None:
+        self.target, self.delta = target, delta
+
+    def __call__(self, x, sigma, class_labels=None, *, dropout_key=None):
+        return self.target + self.delta if torch.is_grad_enabled() else self.target.clone()
+
+
+def _toy_loss(**kw):
+    """(per-sample loss, dL/dΔ, Δ in float64, t, r) for a toy Δ with rows of very different norms."""
+    g = torch.Generator().manual_seed(3)
+    n = 4
+    delta = (torch.randn(n, 1, 4, 4, generator=g) * torch.tensor([1e-3, 0.05, 0.3, 2.0]).reshape(-1, 1, 1, 1))
+    delta.requires_grad_(True)
+    target = torch.zeros(n, 1, 4, 4)  # so that the student's output target + δ is δ exactly, with no fp32 rounding
+    x0, eps = torch.zeros(n, 1, 4, 4), torch.randn(n, 1, 4, 4, generator=g)
+    t = torch.tensor([0.3, 1.0, 2.5, 40.0])
+    r = torch.tensor([0.2, 0.9, 1.0, 39.5])  # all r > 0: every row's target comes from the (no-grad) target pass
+    loss = consistency_loss(ToyDelta(target, delta), x0, t, r, eps, dropout_key=torch.arange(n), **kw)
+    (grad,) = torch.autograd.grad(loss.sum(), delta)
+    return loss.detach().double(), grad.double(), delta.detach().double(), t.double(), r.double()
+
+
+@pytest.mark.parametrize("c", [0.0, 0.03, 0.06])
+def test_default_loss_is_the_pseudo_huber_of_the_reference(c):
+    """p = 1/2: value w̄·(√(‖Δ‖²+c²) − c) and gradient w̄·Δ/√(‖Δ‖²+c²) (REFERENCE §3 step 5), not twice it."""
+    loss, grad, d, t, r = _toy_loss(weighting="inv_dt", p=0.5, c=c)
+    w_bar = 1 / (t - r)
+    sq = d.flatten(1).square().sum(1)
+    assert torch.allclose(loss, w_bar * ((sq + c * c).sqrt() - c), rtol=1e-5, atol=0)
+    hand = w_bar.reshape(-1, 1, 1, 1) * d / (sq + c * c).sqrt().reshape(-1, 1, 1, 1)
+    assert torch.allclose(grad, hand, rtol=1e-5, atol=1e-7)
+
+
+def test_p0_edm_pretraining_loss_is_the_squared_l2():
+    """p = 0 with EDM's weighting stays EDM's loss λ(t)·‖Δ‖², gradient 2·λ(t)·Δ, whatever the loss form."""
+    for form in ("pseudo_huber", "weighted_l2"):
+        loss, grad, d, t, r = _toy_loss(weighting="edm", p=0.0, c=0.0, loss_form=form)
+        lam = (t**2 + 0.25) / (t * 0.5) ** 2
+        assert torch.allclose(loss, lam * d.flatten(1).square().sum(1), rtol=1e-5, atol=0)
+        assert torch.allclose(grad, 2 * lam.reshape(-1, 1, 1, 1) * d, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("p, metric", [(0.25, "l2"), (1.0, "l2"), (0.5, "l1")])
+def test_other_adaptive_weightings_have_the_eq20_gradient(p, metric):
+    """Other p and the L1 weighting of Tab. 4: gradient w̄·w(Δ)·Δ (Eq. 20), value w̄·w(Δ)·½‖Δ‖²."""
+    c = 0.1
+    loss, grad, d, t, r = _toy_loss(weighting="inv_t", p=p, c=c, metric=metric)
+    w_bar = 1 / t
+    flat = d.flatten(1)
+    w = 1 / (flat.abs().sum(1) + c) if metric == "l1" else 1 / (flat.square().sum(1) + c * c) ** p
+    assert torch.allclose(loss, w_bar * w * 0.5 * flat.square().sum(1), rtol=1e-5, atol=0)
+    assert torch.allclose(grad, (w_bar * w).reshape(-1, 1, 1, 1) * d, rtol=1e-5, atol=1e-7)
+
+
+def test_weighted_l2_form_keeps_twice_the_gradient():
+    """The explicit option loss_form='weighted_l2': w̄·sg[w(Δ)]·‖Δ‖², gradient 2·w̄·Δ/√(‖Δ‖²+c²)."""
+    c = 0.06
+    loss, grad, d, t, r = _toy_loss(weighting="inv_dt", p=0.5, c=c, loss_form="weighted_l2")
+    w_bar = 1 / (t - r)
+    sq = d.flatten(1).square().sum(1)
+    assert torch.allclose(loss, w_bar * sq / (sq + c * c).sqrt(), rtol=1e-5, atol=0)
+    assert torch.allclose(grad, 2 * (w_bar / (sq + c * c).sqrt()).reshape(-1, 1, 1, 1) * d, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="unknown loss form"):
+        _toy_loss(weighting="inv_dt", p=0.5, c=c, loss_form="huber")
+
+
+def test_objectives_default_to_the_reference_scale_and_old_configs_keep_theirs():
+    """Every preset trains with the pseudo-Huber form; a stored config written without the field (a run that
+    trained with w̄·sg[w]·‖Δ‖²) reads back as weighted_l2, so resuming it cannot silently change its gradient."""
+    from ectune.config import RunConfig, from_dict, to_dict
+    from ectune.losses import objective_loss_kwargs
+    from ectune.presets import get_preset, preset_names
+
+    for name in preset_names():
+        for mode in ("pretrain", "tune"):
+            cfg = get_preset(name, mode)
+            assert objective_loss_kwargs(cfg.objective, data_dim=3, sigma_data=0.5)["loss_form"] == "pseudo_huber"
+    stored = to_dict(RunConfig())
+    assert from_dict(RunConfig, stored).objective.loss_form == "pseudo_huber"
+    del stored["objective"]["loss_form"]
+    assert from_dict(RunConfig, stored).objective.loss_form == "weighted_l2"

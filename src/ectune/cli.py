@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -116,6 +117,9 @@ def cmd_sample(command: str, rest: Sequence[str]) -> int:
     p.add_argument("--steps", type=int, default=1, help="consistency steps (1, 2, ...)")
     p.add_argument("--mid-t", type=float, nargs="+", default=None, help="intermediate times (default: the model's)")
     p.add_argument("--method", choices=("consistency", "heun"), default="consistency")
+    p.add_argument("--sigma-min-shift", type=float, default=None,
+                   help="boundary f(x, σ_min) = x of consistency sampling (0.003: the public ECT checkpoints; "
+                        "0: exact f(x, 0) = x; default: the model's sample.sigma_min_shift)")
     p.add_argument("--n", type=int, default=64)
     p.add_argument("--seed", type=int, default=0, help="first seed; sample i uses seed+i")
     p.add_argument("--class", dest="class_label", type=int, default=None, help="class id for conditional models")
@@ -133,6 +137,7 @@ def cmd_sample(command: str, rest: Sequence[str]) -> int:
     device = resolve_device(a.device, int(os.environ.get("LOCAL_RANK", "0")))
     dist = rt_dist.init_distributed(device.type)  # under torchrun each rank samples a slice of the seeds
     model, cfg, extra = load_model(a.model, device=device)
+    cfg = with_sampling_boundary(cfg, a.sigma_min_shift)
     seeds = torch.arange(a.seed, a.seed + a.n)
     if cfg.net.label_dim == 0 and a.class_label is not None:
         raise ValueError(f"--class {a.class_label}: the model is unconditional")
@@ -148,6 +153,13 @@ def cmd_sample(command: str, rest: Sequence[str]) -> int:
         steps = a.steps if a.method == "consistency" else cfg.sample.heun_steps
         print(f"wrote {a.n} samples ({a.method}, {steps} steps, {dist.world_size} process(es)) to {out}")
     return 0
+
+
+def with_sampling_boundary(cfg: RunConfig, sigma_min_shift: float | None) -> RunConfig:
+    """cfg with a --sigma-min-shift given on the command line as its sampling boundary (None: unchanged)."""
+    if sigma_min_shift is None:
+        return cfg
+    return replace(cfg, sample=replace(cfg.sample, sigma_min_shift=sigma_min_shift))
 
 
 def cmd_info(command: str, rest: Sequence[str]) -> int:

@@ -39,6 +39,8 @@ def _eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=10_000, help="samples per setting (seeds SEED .. SEED+n-1)")
     p.add_argument("--seed", type=int, default=0, help="first seed")
     p.add_argument("--mid-t", type=float, nargs="+", default=None, help="intermediate time(s) for 2+ steps (default: the model's)")
+    p.add_argument("--sigma-min-shift", type=float, default=None,
+                   help="boundary f(x, σ_min) = x of consistency sampling (default: the model's sample.sigma_min_shift)")
     p.add_argument("--search-mid-t", action="store_true",
                    help="search the best 2-step intermediate time on held-out seeds and store it in the model file")
     p.add_argument("--search-n", type=int, default=2000, help="samples per FD evaluation of the search")
@@ -58,7 +60,8 @@ def _eval_parser() -> argparse.ArgumentParser:
 
 def cmd_eval(command: str, rest: Sequence[str]) -> int:
     a = _eval_parser().parse_args(list(rest))
-    from .model import load_model
+    from .cli import with_sampling_boundary
+    from .model import load_model, sampling_boundary
     from .runtime.checkpoint import atomic_write_text, load_model_weights, save_model
     from .training.loop import resolve_device
 
@@ -76,6 +79,7 @@ def cmd_eval(command: str, rest: Sequence[str]) -> int:
     device = resolve_device(a.device)
     t0 = time.time()
     model, cfg, extra = load_model(a.model, device=device)
+    cfg = with_sampling_boundary(cfg, a.sigma_min_shift)  # a --search-mid-t stores it with the time it chose
     diffusion = cfg.objective.kind == "diffusion"
     steps = _parse_steps(a.steps) if a.steps is not None else (() if diffusion else (1, 2))
     ext = load_extractor(a.metric, device=device, weights=a.weights)
@@ -110,6 +114,7 @@ def cmd_eval(command: str, rest: Sequence[str]) -> int:
         "kimg": None if nimg is None else nimg / 1000,
         **{k: res[k] for k in ("metric", "metric_name", "extractor", "n", "seed", "seeds")},
         "steps": list(steps), "mid_t": list(cfg.sample.mid_t if mid_t is None else mid_t),
+        "sigma_min_shift": sampling_boundary(cfg),
         "results": res["results"], "fd": res["fd"],
         "reference": {"data": data.description, "split": "train", "count": ref.count, "key": ref.key,
                       "cache": str(reference_cache_path(ref, a.cache_dir))},

@@ -72,6 +72,10 @@ class ObjectiveConfig:
     p: float = 0.5  # adaptive weighting power; 0 = plain squared L2
     c: float = 0.0  # adaptive weighting constant
     metric: Literal["l2", "l1"] = "l2"  # l1 = the 1/(||Δ||_1 + c) variant of Tab. 4
+    # How the adaptive weighting enters the loss (ectune.weighting.adaptive_loss). "pseudo_huber": gradient
+    # w̄·w(Δ)·Δ (Eq. 20), for p = 1/2 the pseudo-Huber loss w̄·(√(‖Δ‖²+c²) − c) of the reference code, its value and
+    # gradient scale; "weighted_l2": w̄·sg[w(Δ)]·‖Δ‖², twice that gradient. p = 0 is the squared L2 in both.
+    loss_form: Literal["pseudo_huber", "weighted_l2"] = "pseudo_huber"
     # iCT baseline (REFERENCE §4)
     ict_s0: int = 10
     ict_s1: int = 1280
@@ -129,6 +133,10 @@ class SampleConfig:
     heun_steps: int = 18  # EDM Heun: 2*steps - 1 NFE
     sigma_min: float = 0.002
     rho: float = 7.0
+    # Boundary of the consistency function at sample time, independent of training's precond.sigma_min_shift:
+    # σ_min > 0 samples with the reference code's shifted scalings (its eval mode; 0.003 for the public ECT
+    # checkpoints, 0.002 for some), 0 with the exact f(x, 0) = x; None = the training boundary.
+    sigma_min_shift: float | None = None
 
 
 @dataclass(frozen=True)
@@ -172,8 +180,15 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
+# Fields whose absence from a stored config means a value other than the field's default: configs written before
+# the field existed describe runs that trained that way, so resuming such a run keeps (or refuses to change) it.
+ABSENT_FIELD_VALUES: dict[str, dict[str, Any]] = {"ObjectiveConfig": {"loss_form": "weighted_l2"}}
+
+
 def from_dict(cls: type, data: dict[str, Any], *, where: str = "config") -> Any:
-    """Rebuild a (nested) config dataclass from `to_dict` output, rejecting unknown fields by name."""
+    """Rebuild a (nested) config dataclass from `to_dict` output, rejecting unknown fields by name.
+
+    A missing field takes its default, or its entry in ABSENT_FIELD_VALUES."""
     if not isinstance(data, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -190,6 +205,8 @@ def from_dict(cls: type, data: dict[str, Any], *, where: str = "config") -> Any:
             kwargs[name] = tuple(value)
         else:
             kwargs[name] = value
+    for name, value in ABSENT_FIELD_VALUES.get(cls.__name__, {}).items():
+        kwargs.setdefault(name, value)
     return cls(**kwargs)
 
 

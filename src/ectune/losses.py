@@ -3,7 +3,10 @@ in how the pair (t, r) is drawn (REFERENCE §2–4):
 
     x_t = x_0 + t·ε,  x_r = x_0 + r·ε  (one shared ε)
     Δ   = f_θ(x_t, t) − sg[f_θ(x_r, r)]          (target: same weights, no grad, same dropout mask)
-    L   = w̄(t, r) · w(Δ) · ‖Δ‖²₂                 (w(Δ) constant, Eq. 16)
+    L   = w̄(t, r) · (√(‖Δ‖²₂ + c²) − c)          (p = 1/2: pseudo-Huber, gradient w̄·w(Δ)·Δ, Eq. 16/19/20)
+    L   = w̄(t, r) · ‖Δ‖²₂                        (p = 0: squared L2, EDM's diffusion loss)
+
+(other p and the L1 weighting: see ectune.weighting.adaptive_loss, whose `form` also offers w̄·sg[w(Δ)]·‖Δ‖²).
 
 Rows with r = 0 take x_0 as the target (f(x, 0) = x) without running the network; with r ≡ 0 this is
 exactly denoising-diffusion training (Eq. 14).
@@ -18,7 +21,7 @@ from torch import Tensor
 
 from .config import ObjectiveConfig
 from .schedules import ect_r, ect_stage, ict_num_steps, ict_t_r, lognormal_t
-from .weighting import adaptive_weight, timestep_weight
+from .weighting import LossForm, adaptive_loss, timestep_weight
 
 Denoiser = Callable[..., Tensor]  # f(x, sigma, class_labels, *, dropout_key) -> fp32 tensor like x
 
@@ -36,6 +39,7 @@ def consistency_loss(
     p: float = 0.5,
     c: float = 0.0,
     metric: str = "l2",
+    loss_form: LossForm = "pseudo_huber",
     sigma_data: float = 0.5,
     row_multiple: int = 1,
     target_f: Denoiser | None = None,
@@ -81,8 +85,7 @@ def consistency_loss(
     student = f(x0 + t_dev.reshape(bcast) * eps, t_dev, class_labels, dropout_key=dropout_key)
     delta = student - target
     w_bar = timestep_weight(weighting, t_dev, r_dev, sigma_data=sigma_data)
-    w_delta = adaptive_weight(delta, p=p, c=c, metric=metric)  # Eq. 16, no gradient
-    return w_bar * w_delta * delta.float().flatten(1).square().sum(1)
+    return w_bar * adaptive_loss(delta, p=p, c=c, metric=metric, form=loss_form)
 
 
 def target_rows(r: Tensor, row_multiple: int) -> Tensor | None:
@@ -128,4 +131,4 @@ def draw_t_r(
 def objective_loss_kwargs(obj: ObjectiveConfig, *, data_dim: int, sigma_data: float) -> dict:
     """Keyword arguments of `consistency_loss` for an objective (iCT's pseudo-Huber c = 0.00054·√d)."""
     c = obj.ict_c_scale * data_dim**0.5 if obj.kind == "ict" else obj.c
-    return dict(weighting=obj.weighting, p=obj.p, c=c, metric=obj.metric, sigma_data=sigma_data)
+    return dict(weighting=obj.weighting, p=obj.p, c=c, metric=obj.metric, loss_form=obj.loss_form, sigma_data=sigma_data)

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .config import RunConfig
 from .nets import build_net
-from .precond import Precond
+from .precond import Precond, replace_precond
 from .runtime.checkpoint import CheckpointError, load_model_weights, read_model_meta
 from .sampling import generate
 
@@ -48,6 +48,17 @@ def sample_times(cfg: RunConfig, steps: int, mid_t: Sequence[float] | None = Non
     return (cfg.sample.t_max,) + mids[: steps - 1]
 
 
+def sampling_boundary(cfg: RunConfig) -> float:
+    """σ_min of the boundary f(x, σ_min) = x that consistency sampling uses (REFERENCE §1): cfg.sample.sigma_min_shift,
+    or the training boundary cfg.precond.sigma_min_shift where that is unset, so that sampling never differs from
+    training unless a config asks it to."""
+    shift = cfg.sample.sigma_min_shift
+    shift = cfg.precond.sigma_min_shift if shift is None else shift
+    if not 0 <= shift < cfg.sample.t_max:
+        raise ValueError(f"the sampling boundary sigma_min_shift must be in [0, t_max = {cfg.sample.t_max}), got {shift}")
+    return float(shift)
+
+
 @torch.no_grad()
 def sample_images(
     model: Precond,
@@ -61,12 +72,17 @@ def sample_images(
     batch: int = 256,
     device: torch.device | str = "cpu",
 ) -> Tensor:
-    """Float images in [-1, 1] for per-sample seeds, in batches (results do not depend on `batch`)."""
+    """Float images in [-1, 1] for per-sample seeds, in batches (results do not depend on `batch`).
+
+    Consistency sampling evaluates `model` with the boundary `sampling_boundary(cfg)` (sharing its weights); the
+    Heun sampler of diffusion models uses `model` as it is."""
     shape = (cfg.net.img_channels, cfg.net.img_resolution, cfg.net.img_resolution)
     if cfg.net.label_dim and class_labels is None:
         # Class of sample i follows from its seed, so it is batch-independent too.
         class_labels = seeds % cfg.net.label_dim
     ts = sample_times(cfg, steps, mid_t) if method == "consistency" else (cfg.sample.t_max,)
+    if method == "consistency" and sampling_boundary(cfg) != model.sigma_min_shift:
+        model = replace_precond(model, sigma_min_shift=sampling_boundary(cfg))
     out = []
     for i in range(0, len(seeds), batch):
         labels = None if class_labels is None else class_labels[i : i + batch].to(device)

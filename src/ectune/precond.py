@@ -91,3 +91,15 @@ class Precond(nn.Module):
         if self.compute_dtype == torch.float32:
             return contextlib.nullcontext()
         return torch.autocast(device_type=device.type, dtype=self.compute_dtype)
+
+
+def replace_precond(model: Precond, *, net: nn.Module | None = None, sigma_min_shift: float | None = None) -> Precond:
+    """A Precond sharing `model`'s network and settings, with `net` (e.g. a compiled view of the same network) and/or
+    the boundary σ_min replaced (None keeps `model`'s). No weights are copied."""
+    return Precond(
+        model.net if net is None else net,
+        sigma_data=model.sigma_data,
+        sigma_min_shift=model.sigma_min_shift if sigma_min_shift is None else sigma_min_shift,
+        label_dim=model.label_dim,
+        compute_dtype=model.compute_dtype,
+    )

@@ -78,6 +78,16 @@ def _cifar10_1hour(mode: Mode) -> RunConfig:
     )
 
 
+def _cifar10_400k(mode: Mode) -> RunConfig:
+    """The reference code's run_ecm.sh schedule: 25.6M images at batch 128 with the stage length fixed at 3.2M images
+    (25k steps), so 8 stages. Fixed in images rather than as total/8, so a longer --train.total-kimg adds stages."""
+    cfg = _cifar10(mode)
+    if mode == "pretrain":
+        return cfg
+    return replace(cfg, objective=replace(cfg.objective, stage_kimg=3_200.0),
+                   train=replace(cfg.train, total_kimg=25_600.0))
+
+
 def _imagenet64(size: str) -> Callable[[Mode], RunConfig]:
     alpha_ref = {"s": 1.0e-3, "m": 9e-4, "l": 8e-4, "xl": 7e-4}[size]
 
@@ -104,6 +114,7 @@ PRESETS: dict[str, Callable[[Mode], RunConfig]] = {
     "fashion-mnist": _fashion_mnist,
     "cifar10": _cifar10,
     "cifar10-1hour": _cifar10_1hour,
+    "cifar10-400k": _cifar10_400k,
     **{f"imagenet64-{s}": _imagenet64(s) for s in ("s", "m", "l", "xl")},
 }
 

@@ -35,13 +35,15 @@ def default_preset(net: NetConfig, path: Path) -> str:
     )
 
 
-def imported_config(net: NetConfig, preset: str, *, sigma_data: float) -> RunConfig:
-    """The RunConfig stored with an imported network: the preset's `tune` recipe around the pickle's network."""
+def imported_config(net: NetConfig, preset: str, *, sigma_data: float, sigma_min_shift: float | None = None) -> RunConfig:
+    """The RunConfig stored with an imported network: the preset's `tune` recipe around the pickle's network, with
+    `sigma_min_shift` (if given) as its sampling boundary."""
     from ..presets import get_preset
 
     cfg = get_preset(preset, "tune")
+    sample = cfg.sample if sigma_min_shift is None else replace(cfg.sample, sigma_min_shift=sigma_min_shift)
     return replace(cfg, net=net, precond=replace(cfg.precond, sigma_data=sigma_data),
-                   data=replace(cfg.data, use_labels=net.label_dim > 0))
+                   data=replace(cfg.data, use_labels=net.label_dim > 0), sample=sample)
 
 
 def cmd_import_edm(command: str, rest: Sequence[str]) -> int:
@@ -54,9 +56,12 @@ def cmd_import_edm(command: str, rest: Sequence[str]) -> int:
     p.add_argument("--kind", choices=("edm", "edm2"), default=None, help="default: guessed from the network's layout")
     p.add_argument("--preset", choices=preset_names(), default=None,
                    help="recipe stored with the model (default: cifar10 for DDPM++ 32×32, imagenet64-s/m/l/xl for EDM2)")
+    p.add_argument("--sigma-min-shift", type=float, default=None,
+                   help="store this boundary f(x, σ_min) = x for consistency sampling (0.003 samples the public ECT "
+                        "checkpoints as the reference code does)")
     a = p.parse_args(rest)
 
-    from ..model import load_model
+    from ..model import load_model, sampling_boundary
     from ..nets import count_params
     from ..runtime.checkpoint import save_model
     from .edm_pickle import PickleRefused, map_to_ectune, read_edm_pickle
@@ -82,7 +87,8 @@ def cmd_import_edm(command: str, rest: Sequence[str]) -> int:
         raise ValueError(f"{a.pickle} (--kind {kind}): {exc}") from None
     preset = a.preset or default_preset(net, a.pickle)
     sigma_data = float(pkl.init_kwargs.get("sigma_data", 0.5))
-    cfg = imported_config(net, preset, sigma_data=sigma_data)
+    cfg = imported_config(net, preset, sigma_data=sigma_data, sigma_min_shift=a.sigma_min_shift)
+    sampling_boundary(cfg)  # a bad --sigma-min-shift stops here, before anything is written
     extra = {"nimg": 0, "objective": "diffusion", "imported_from": a.pickle.name, "kind": kind,
              "class_name": pkl.class_name, "preset": preset}
     save_model(a.out, state, cfg, extra=extra)

@@ -22,9 +22,9 @@ from ..config import RunConfig
 from ..data import ImageDataset, global_indices, load_batch, open_dataset, to_model_input, xflip_mask
 from ..ema import EMA
 from ..losses import consistency_loss, draw_t_r, objective_loss_kwargs, stage_nimg, target_rows
-from ..model import build_model, sample_images
+from ..model import build_model, sample_images, sampling_boundary
 from ..nets import count_params
-from ..precond import Precond
+from ..precond import Precond, replace_precond
 from ..runtime import distributed as rt_dist
 from ..runtime.checkpoint import load_state, save_model, save_state
 from ..sampling import to_uint8
@@ -102,6 +102,7 @@ def train(
     show_progress: bool = True,
 ) -> TrainResult:
     """Train (or resume) the run in `run_dir` to cfg.train.total_kimg (or `until_kimg`, whichever is first)."""
+    sampling_boundary(cfg)  # a bad sample.sigma_min_shift stops here, not at the first sample grid
     device = resolve_device(cfg.train.device)
     dist = rt_dist.init_distributed(device.type)
     if dist.world_size > 1 and device.type == "cuda":
@@ -277,7 +278,9 @@ def set_learning_rate(opt: torch.optim.Optimizer, cfg: RunConfig, nimg: int) -> 
 
 def restore(run: RunDir, cfg: RunConfig, net: nn.Module, opt: torch.optim.Optimizer, ema: EMA,
             init: Path | str | None, device: torch.device) -> tuple[int, int]:
-    """Resume from the run's training state, or start from `init` weights, or from scratch. Returns (nimg, skipped)."""
+    """Resume from the run's training state, or start from `init` weights, or from scratch. Returns (nimg, skipped).
+
+    A new start normalises EDM2's weights before the first step (see below); a resume loads them as saved."""
     if run.state.exists():
         state = load_state(run.state)
         net.load_state_dict(state["net"], strict=True)
@@ -289,8 +292,15 @@ def restore(run: RunDir, cfg: RunConfig, net: nn.Module, opt: torch.optim.Optimi
 
         init_model, _, _ = load_model(init)
         net.load_state_dict(init_model.net.state_dict(), strict=True)
-        for avg in ema.averages:  # the averages start from the pretrained weights, not a random net
-            torch._foreach_copy_(avg, [v.float() for k, v in net.state_dict().items() if k in ema.names])
+    # EDM2's forced weight normalisation (no-op for DDPM++) before the first step, not only after each one: the
+    # reference normalises inside every student pass, so its first step already starts from unit-RMS rows, which
+    # imported weights (EDM2's post-hoc EMAs) and a fresh init do not have. The forward pass uses normalised weights
+    # either way, but a row of RMS s gets 1/s times the gradient, and an update of a given size turns it 1/s times
+    # as far, so the first step would differ. A resumed state was saved normalised, and normalising again is not a
+    # no-op (w/(ε + RMS)), so a resume skips this and stays bit-exact.
+    net.normalize_weights_()
+    for avg in ema.averages:  # the averages start from the weights the first step starts from, not a random net
+        torch._foreach_copy_(avg, [v.float() for k, v in net.state_dict().items() if k in ema.names])
     return 0, 0
 
 
@@ -398,7 +408,7 @@ def _wrap_for_training(model: Precond, cfg: RunConfig, dist: rt_dist.Dist,
     if cfg.train.compile and dist.world_size == 1:
         target_model = torch.compile(model)  # an OptimizedModule: .net, .compute_dtype etc. reach `model`
     elif cfg.train.compile:
-        target_model = replace_net(model, torch.compile(model.net))
+        target_model = replace_precond(model, net=torch.compile(model.net))
     else:
         target_model = model
     train_model: nn.Module = target_model
@@ -435,12 +445,6 @@ def recompute_norms(choice: str, device: torch.device, *, compiled: bool) -> boo
     if choice not in ("auto", "on", "off"):
         raise ValueError(f"--train.recompute-norms must be auto, on or off, got {choice!r}")
     return choice == "on" or (choice == "auto" and device.type == "cuda" and not compiled)
-
-
-def replace_net(model: Precond, net: nn.Module) -> Precond:
-    """A Precond sharing `model`'s settings around another (e.g. compiled) view of the same network."""
-    return Precond(net, sigma_data=model.sigma_data, sigma_min_shift=model.sigma_min_shift,
-                   label_dim=model.label_dim, compute_dtype=model.compute_dtype)
 
 
 def _set_backend_flags(cfg: RunConfig, device: torch.device) -> None:

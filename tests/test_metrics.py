@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import gzip
 import math
+import os
+import re
 import struct
 import sys
 import time
@@ -495,3 +497,30 @@ def test_fd_lite0_separates_fashion_mnist_from_digits(lite0: FeatureExtractor, t
     # 42.0 at n=300, 34.4 at n=400) while the cross FD stays near 190, so the ratio only grows with n.
     assert fd_cross > 2.5 * fd_halves, report
     assert pr_halves[0] > pr_cross[0] and pr_halves[1] > pr_cross[1], report
+
+
+class _RunsCode:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("content", ["runs-code", "truncated", "other-network", "not-a-dict"])
+def test_bad_extractor_weights_file_gives_one_error_naming_it(tmp_path: Path, content: str) -> None:
+    from ectune.metrics.extractors import ExtractorUnavailableError, Lite0Extractor
+
+    path, marker = tmp_path / "weights.pth", tmp_path / "ran"
+    if content == "runs-code":
+        torch.save({"w": _RunsCode(marker)}, path)
+    elif content == "truncated":
+        torch.save({"w": torch.zeros(1000)}, path)
+        path.write_bytes(path.read_bytes()[:300])
+    elif content == "other-network":
+        torch.save({"conv.weight": torch.zeros(3, 3)}, path)
+    else:
+        torch.save([torch.zeros(2)], path)
+    with pytest.raises(ExtractorUnavailableError, match=re.escape(f"{path} is not the EfficientNet-Lite0 weights")):
+        Lite0Extractor(weights=path)
+    assert not marker.exists()

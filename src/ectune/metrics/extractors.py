@@ -56,6 +56,22 @@ class ExtractorUnavailableError(RuntimeError):
     """
 
 
+def load_weights(path: Path, what: str, into: nn.Module | None = None) -> dict[str, Tensor]:
+    """The tensors of a weights file, read with `torch.load(weights_only=True)` (tensors and plain containers
+    only: nothing in the file can run), loaded strictly into `into` when given. A file that is not such a
+    state dict, or does not fit the network, gives one ExtractorUnavailableError naming it."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+            raise ValueError(f"expected a state dict of tensors, found {type(state).__name__}")
+        if into is not None:
+            into.load_state_dict(state)
+    except Exception as e:  # any unreadable or mismatched file is the same user error: the wrong file
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ExtractorUnavailableError(f"{path} is not the {what} weights file ({reason[:300]})") from None
+    return state
+
+
 def _hub_dir() -> Path:
     """torch.hub's folder, read at call time so $TORCH_HOME set after import is honoured."""
     return Path(torch.hub.get_dir())
@@ -163,7 +179,7 @@ class Lite0Extractor(FeatureExtractor):
         # from_name builds the architecture only; loading ourselves avoids the package's print and its
         # fallback to a download, and weights_only=True refuses anything but tensors.
         self.net = EfficientNet.from_name("efficientnet-lite0")
-        self.net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        load_weights(path, "EfficientNet-Lite0", into=self.net)
         self.register_buffer("_mean", torch.full((1, 3, 1, 1), 127.0), persistent=False)
         self.register_buffer("_std", torch.full((1, 3, 1, 1), 128.0), persistent=False)
         self._finish_init()
@@ -241,6 +257,7 @@ class InceptionExtractor(FeatureExtractor):
             problems.append(f"torch-fidelity cannot be imported ({import_error}); pip install torch-fidelity")
         if problems:
             raise ExtractorUnavailableError("FID (inception) extractor unavailable: " + "; and ".join(problems) + ".")
+        load_weights(path, "Inception-v3 (FID)")  # checked safely here: torch-fidelity loads the file itself
         self.net = cls("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(path))
         self._finish_init()
 
@@ -281,7 +298,7 @@ class DINOv2Extractor(FeatureExtractor):
             raise ExtractorUnavailableError("FD-DINOv2 extractor unavailable: " + "; and ".join(problems) + ".")
         # pretrained=False: the hub entry point would otherwise try to fetch the weights by URL.
         self.net = torch.hub.load(str(repo), "dinov2_vitl14", source="local", pretrained=False)
-        self.net.load_state_dict(torch.load(wpath, map_location="cpu", weights_only=True))
+        load_weights(wpath, "DINOv2 ViT-L/14", into=self.net)
         self.register_buffer("_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self._finish_init()

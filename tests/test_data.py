@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import sys
+import time
 import types
 import zipfile
 from pathlib import Path
@@ -148,6 +150,45 @@ def test_idx_bad_header(tmp_path: Path) -> None:
         read_idx(tmp_path / "extra")
     with pytest.raises(DataError, match="does not exist"):
         read_idx(tmp_path / "nope")
+
+
+@pytest.mark.parametrize("shape, match", [
+    ((10, 0, 28), "zero dimension"),
+    ((0,), "zero dimension"),
+    ((2**32 - 1,) * 3, "declares .* bytes, more than"),  # 8e28 bytes: its int64 product would wrap around
+])
+def test_idx_absurd_header_refused_before_reading(tmp_path: Path, shape: tuple[int, ...], match: str) -> None:
+    path = tmp_path / "forged"
+    path.write_bytes(bytes([0, 0, 0x08, len(shape)]) + np.asarray(shape, dtype=">u4").tobytes() + b"\0" * 64)
+    with pytest.raises(DataError, match=f"forged: .*{match}"):
+        read_idx(path)
+
+
+def test_idx_gzip_bomb_is_not_expanded(tmp_path: Path) -> None:
+    """A 10-byte image file followed by 1 GiB of zeros, gzipped to ~1 MB: refused as trailing data after
+    decompressing 11 bytes, not 1 GiB."""
+    import zlib
+
+    comp = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    body = [comp.compress(b"\x00\x00\x08\x01\x00\x00\x00\x02\x05\x06")]
+    zeros = bytes(1 << 24)
+    body += [comp.compress(zeros) for _ in range(64)]
+    path = tmp_path / "bomb.gz"
+    path.write_bytes(b"".join(body) + comp.flush())
+    assert path.stat().st_size < 2 << 20
+    t0 = time.perf_counter()
+    with pytest.raises(DataError, match="bomb.gz has trailing data"):
+        read_idx(path)
+    assert time.perf_counter() - t0 < 2.0  # expanding 1 GiB takes several seconds on these machines
+
+
+def test_data_path_must_be_a_file_or_directory(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for path, kind in [(fifo, "FIFO"), (Path("/dev/zero"), "device")]:
+        for source in ("idx", "edm", "fashion-mnist"):
+            with pytest.raises(DataError, match=f"--data.path {path} is a {kind}"):
+                open_dataset(DataConfig(source=source, path=str(path)))  # returns at once: nothing is read
 
 
 @pytest.mark.parametrize("gz", [True, False])

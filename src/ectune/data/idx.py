@@ -8,6 +8,7 @@ not from the file name, so a renamed file still loads.
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import zlib
 from pathlib import Path
@@ -29,31 +30,58 @@ _IDX_DTYPES: dict[int, np.dtype] = {
 }
 _GZIP_MAGIC = b"\x1f\x8b"
 
+# The largest IDX content read (ImageNet-64 as uint8 is 15 GB): a header declaring more is corrupt or hostile.
+_MAX_IDX_BYTES = 1 << 36
+
 FASHION_MNIST_DIRS_ENV = "ECTUNE_FASHION_MNIST"
 FASHION_MNIST_DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
 
 
-def _read_bytes(path: Path) -> bytes:
-    """The file's (decompressed) content; gzip detected by magic bytes."""
-    if not path.is_file():
+def _gunzip_at_most(raw: bytes, limit: int) -> bytes:
+    """The first `limit` decompressed bytes of a gzip stream (fewer if it ends): a decompression bomb is never
+    expanded past what the caller can use."""
+    d = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+    out, pending = bytearray(), raw
+    while len(out) < limit:
+        chunk = d.decompress(pending, limit - len(out))
+        out += chunk
+        pending = d.unconsumed_tail
+        if not chunk and not pending:
+            if not d.eof:
+                raise zlib.error("the compressed stream ends early")
+            break
+    return bytes(out)
+
+
+def _read_bytes(path: Path) -> tuple[bytes, bool]:
+    """The file's raw content, and whether it is gzip (detected by magic bytes)."""
+    if not path.exists():
         raise DataError(f"IDX file {path} does not exist")
+    if not path.is_file():
+        raise DataError(f"IDX file {path} is not a regular file")
     raw = path.read_bytes()
-    if raw[:2] != _GZIP_MAGIC:
-        return raw
-    try:
-        return gzip.decompress(raw)
-    except (EOFError, OSError, zlib.error) as e:
-        raise DataError(f"IDX file {path} is a corrupt or truncated gzip file ({e})") from None
+    return raw, raw[:2] == _GZIP_MAGIC
 
 
 def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     """Read an IDX file (raw or gzip) into a native-endian numpy array of its stored shape and dtype.
 
-    Raises DataError naming the file if the magic number, dtype code or dimensions are invalid, or if the
-    file length differs from what the header promises (a truncated download is the usual cause).
+    Raises DataError naming the file if the magic number, dtype code or dimensions are invalid (a zero
+    dimension, or a size no machine holds), or if the file length differs from what the header promises (a
+    truncated download is the usual cause). A gzip file is decompressed only as far as the header says.
     """
     path = Path(path)
-    data = _read_bytes(path)
+    raw, gz = _read_bytes(path)
+
+    def content(limit: int) -> bytes:
+        if not gz:
+            return raw[:limit]
+        try:
+            return _gunzip_at_most(raw, limit)
+        except zlib.error as e:
+            raise DataError(f"IDX file {path} is a corrupt or truncated gzip file ({e})") from None
+
+    data = content(4)
     if len(data) < 4 or data[0] != 0 or data[1] != 0:
         raise DataError(f"IDX file {path}: bad magic number {data[:4].hex() or '(empty file)'}, expected 0000xxxx")
     code, ndim = data[2], data[3]
@@ -65,16 +93,23 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     if ndim == 0:
         raise DataError(f"IDX file {path}: has 0 dimensions, expected at least 1")
     header = 4 + 4 * ndim
+    data = content(header)
     if len(data) < header:
         raise DataError(f"IDX file {path}: truncated header, expected {header} bytes, got {len(data)}")
     shape = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
+    if 0 in shape:
+        raise DataError(f"IDX file {path}: shape {shape} has a zero dimension, expected every dimension >= 1")
     dtype = _IDX_DTYPES[code]
-    expected = header + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    expected = header + math.prod(shape) * dtype.itemsize  # Python ints: no overflow
+    if expected > _MAX_IDX_BYTES:
+        raise DataError(f"IDX file {path}: shape {shape} of {dtype.name} declares {expected:,} bytes, more than "
+                        f"{_MAX_IDX_BYTES:,} (a corrupt header)")
+    data = content(expected + 1)  # one byte more tells trailing data apart
     if len(data) != expected:
         what = "truncated" if len(data) < expected else "has trailing data"
         raise DataError(
             f"IDX file {path} {what}: shape {shape} of {dtype.name} needs {expected} bytes "
-            f"(after decompression), got {len(data)}"
+            f"(after decompression), got {len(data) if len(data) <= expected else 'more'}"
         )
     # astype copies into a writable, native-endian array (frombuffer over bytes is read-only).
     arr = np.frombuffer(data, dtype=dtype, offset=header).astype(dtype.newbyteorder("="))

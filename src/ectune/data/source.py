@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import stat
+from pathlib import Path
+
 from ectune.config import DataConfig
 
 from .dataset import ImageDataset, pad_images
@@ -9,6 +12,17 @@ from .edm import load_edm_dataset
 from .errors import DataError
 from .idx import load_fashion_mnist, load_idx_dataset
 from .tv import load_torchvision_dataset
+
+
+def _check_path_kind(path: Path) -> None:
+    """A FIFO, device or socket would block or never end when read: only regular files and folders are data."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return  # missing: each loader names what it expected there
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        kind = "FIFO" if stat.S_ISFIFO(mode) else "device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "socket"
+        raise DataError(f"--data.path {path} is a {kind}, expected a regular file or a directory")
 
 
 def open_dataset(cfg: DataConfig) -> ImageDataset:
@@ -21,6 +35,8 @@ def open_dataset(cfg: DataConfig) -> ImageDataset:
         raise DataError(f"data.split={cfg.split!r}, expected 'train' or 'test'")
     if isinstance(cfg.resolution, bool) or not isinstance(cfg.resolution, int) or cfg.resolution < 0:
         raise DataError(f"data.resolution={cfg.resolution!r}, expected 0 (native) or a positive size")
+    if cfg.path:
+        _check_path_kind(Path(cfg.path))
     if cfg.source == "fashion-mnist":
         ds = load_fashion_mnist(cfg.path, split=cfg.split, use_labels=cfg.use_labels)
     elif cfg.source == "idx":

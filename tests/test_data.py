@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import sys
 import time
 import types
@@ -529,3 +530,19 @@ def test_load_batch_and_dataset_checks() -> None:
     wide = ImageDataset(images=torch.zeros(1, 1, 2, 3, dtype=torch.uint8), labels=None, num_classes=0, description="w")
     with pytest.raises(DataError, match="2x3, expected square"):
         _ = wide.resolution
+
+
+@pytest.mark.parametrize("member", ["../evil.png", "a/../../evil.png", "/abs/evil.png"])
+def test_zip_member_outside_the_archive_is_reported(tmp_path: Path, member: str) -> None:
+    img = png_bytes(rand_images(1, 6, 6, 1)[0])
+    path = write_zip(tmp_path / "d.zip", {"ok.png": img, member: img})
+    with pytest.raises(DataError, match=rf"d\.zip: member '{re.escape(member)}' points outside the archive"):
+        open_dataset(DataConfig(source="edm", path=str(path)))
+
+
+def test_convert_resolution_has_an_upper_bound(tmp_path: Path) -> None:
+    src = write_folder(tmp_path / "s", {"a.png": png_bytes(rand_images(1, 6, 6, 1)[0])})
+    for bad in (0, 4097, 40_000):
+        with pytest.raises(DataError, match=rf"resolution={bad}, expected an integer in \[1, 4096\]"):
+            convert_images(src, tmp_path / "out.zip", resolution=bad)
+    assert not (tmp_path / "out.zip").exists()

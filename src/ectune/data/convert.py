@@ -15,6 +15,9 @@ from .edm import LABELS_FILE, ImageSource, decode_image, parallel_map
 from .errors import DataError
 
 
+MAX_RESOLUTION = 4096  # one 4096² RGB image is 48 MB as uint8; larger sizes are a typo, not a dataset
+
+
 def _class_labels(names: list[str], src: Path) -> list[int] | None:
     """Class ids from the first-level subfolder names (sorted, index = id); None when all images are top-level."""
     folders = [n.split("/", 1)[0] if "/" in n else None for n in names]
@@ -78,8 +81,10 @@ def convert_images(
         The number of images written.
     """
     src, dest = Path(src), Path(dest)
-    if resolution is not None and (isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1):
-        raise DataError(f"convert_images: resolution={resolution!r}, expected a positive integer or None")
+    if resolution is not None and (isinstance(resolution, bool) or not isinstance(resolution, int)
+                                   or not 1 <= resolution <= MAX_RESOLUTION):
+        raise DataError(f"convert_images: resolution={resolution!r}, expected an integer in [1, {MAX_RESOLUTION}] "
+                        "or None")
     if channels not in (None, 1, 3):
         raise DataError(f"convert_images: channels={channels!r}, expected 1, 3 or None")
     if dest.is_file() or (dest.is_dir() and any(dest.iterdir())):

@@ -68,6 +68,9 @@ class ImageSource:
             for info in self._zip.infolist():
                 # Archives made on Windows may use backslashes; macOS adds __MACOSX/._* resource forks.
                 name = info.filename.replace("\\", "/")
+                if name.startswith("/") or ".." in name.split("/"):
+                    raise DataError(f"{self.path}: member {info.filename!r} points outside the archive (absolute or "
+                                    "'..' path); refusing the archive rather than guessing what was meant")
                 if info.is_dir() or any(_hidden(part) for part in name.split("/")):
                     continue
                 self._zip_names[name] = info.filename

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from ectune import evaluation
 from ectune.cli import main
 from ectune.config import DataConfig, ObjectiveConfig
 from ectune.data import read_idx, write_idx
-from ectune.metrics import FeatureExtractor
+from ectune.metrics import FeatureExtractor, stats_of_images
 from ectune.model import build_model
 from ectune.nets import SMALL_CONFIGS
 from ectune.presets import get_preset
@@ -238,3 +239,39 @@ def test_fit_power_law_recovers_synthetic_law():
         evaluation.fit_power_law([1.0, 2.0], [1.0, 2.0])
     with pytest.raises(ValueError, match="positive"):
         evaluation.fit_power_law([1.0, 2.0, 3.0], [1.0, -2.0, 3.0])
+
+
+def test_reference_cache_follows_the_images_not_the_path(tmp_path):
+    """Replacing every image behind the same description gives new statistics, not the cached ones."""
+    from ectune.data import ImageDataset
+
+    ext = PoolExtractor()
+    rng = np.random.default_rng(0)
+    data = [ImageDataset(images=torch.from_numpy(rng.integers(0, 256, (20, 1, 8, 8), dtype=np.uint8)),
+                         labels=None, num_classes=0, description="same/path") for _ in range(2)]
+    first = evaluation.reference_for_data(data[0], "train", ext, cache_dir=tmp_path)
+    again = evaluation.reference_for_data(data[0], "train", ext, cache_dir=tmp_path)
+    replaced = evaluation.reference_for_data(data[1], "train", ext, cache_dir=tmp_path)
+    assert again.key == first.key and np.array_equal(again.sum, first.sum)
+    assert replaced.key != first.key and not np.allclose(replaced.sum, first.sum)
+    direct = stats_of_images(data[1].images, ext)
+    np.testing.assert_allclose(replaced.sum, direct.sum)  # computed from the new images
+
+
+@pytest.mark.parametrize("damage", ["garbage", "one-image", "nan"])
+def test_bad_reference_cache_gives_one_error_naming_it(tmp_path, damage):
+    from ectune.data import ImageDataset
+
+    ext = PoolExtractor()
+    images = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (20, 1, 8, 8), dtype=np.uint8))
+    data = ImageDataset(images=images, labels=None, num_classes=0, description="d")
+    stats = evaluation.reference_for_data(data, "train", ext, cache_dir=tmp_path)
+    path = evaluation.reference_cache_path(stats, tmp_path)
+    if damage == "garbage":
+        path.write_bytes(b"PK\x03\x04 not really a zip")
+    else:
+        stats.count = 1 if damage == "one-image" else stats.count
+        stats.sum[0] = np.nan if damage == "nan" else stats.sum[0]
+        stats.save(path)
+    with pytest.raises(ValueError, match=rf"cached statistics {re.escape(str(path))} are (unreadable|invalid)"):
+        evaluation.reference_for_data(data, "train", ext, cache_dir=tmp_path)

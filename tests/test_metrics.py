@@ -393,7 +393,7 @@ def test_inception_with_torch_fidelity_but_no_weights_names_the_file(empty_cache
 def test_inception_uses_the_cached_weights_file(empty_caches: Path, fake_torch_fidelity: None) -> None:
     cached = empty_caches / "torch" / "hub" / "checkpoints" / INCEPTION_WEIGHTS_FILENAME
     cached.parent.mkdir(parents=True)
-    cached.write_bytes(b"")  # the fake network does not read it; the real one would via torch.load
+    torch.save({"w": torch.zeros(1)}, cached)  # checked as a tensor file; the fake network does not read it
     ext = get_extractor("inception")
     assert (ext.name, ext.report_name, ext.dim) == ("inception", "FID", 2048)
     assert ext.net.weights_path == str(cached)

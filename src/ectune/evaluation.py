@@ -29,7 +29,7 @@ from torch import Tensor
 from .config import RunConfig
 from .data import ImageDataset, open_dataset
 from .metrics import FeatureExtractor, FeatureStats, fd_from_stats, get_extractor, precision_recall, ref_key, reference_stats
-from .metrics.refstats import default_cache_dir
+from .metrics.refstats import content_fingerprint, default_cache_dir
 from .model import sample_images
 from .runtime import distributed as rt_dist
 from .sampling import to_uint8
@@ -117,7 +117,8 @@ def reference_for_data(
 ) -> FeatureStats:
     """Cached feature statistics of a dataset (the reference set of every FD in this module).
 
-    The cache key (``ref_key``) names the dataset description, split, extractor and resolution. ``max_images`` > 0
+    The cache key (``ref_key``) names the dataset description, split, extractor and resolution, and carries a
+    fingerprint of the images' content (replaced files give new statistics, never stale ones). ``max_images`` > 0
     uses an evenly spaced subset of that many images (for quick checks on a CPU; the key records the subset size).
     Under torch.distributed rank 0 computes and writes the file first, so ranks never race on it.
     """
@@ -127,7 +128,7 @@ def reference_for_data(
     if 0 < max_images < len(data):
         idx = torch.linspace(0, len(data) - 1, max_images).round().long()
         images, desc = images.index_select(0, idx), f"{desc} subset{max_images}"
-    key = ref_key(desc, split, extractor.name, data.resolution)
+    key = ref_key(desc, split, extractor.name, data.resolution, fingerprint=content_fingerprint(images))
     rank, world = _dist_info()
     if rank == 0:
         stats = reference_stats(images, extractor, cache_dir=cache_dir, key=key, batch=batch)

@@ -13,13 +13,14 @@ import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from .extractors import FeatureExtractor
 from .fd import FeatureStats
 
-__all__ = ["default_cache_dir", "ref_key", "reference_stats", "stats_of_images"]
+__all__ = ["content_fingerprint", "default_cache_dir", "ref_key", "reference_stats", "stats_of_images"]
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9.-]+")
 
@@ -30,8 +31,20 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "ectune"
 
 
-def ref_key(dataset_desc: str, split: str, extractor_name: str, resolution: int) -> str:
+def content_fingerprint(images_u8: Tensor) -> str:
+    """16 hex digits of a BLAKE2b hash of the images' shape and pixels: two datasets share it only if they hold
+    the same images in the same order (a path or a description alone says nothing about the files' content)."""
+    h = hashlib.blake2b(digest_size=8)
+    h.update(repr(tuple(images_u8.shape)).encode())
+    h.update(memoryview(images_u8.detach().cpu().contiguous().numpy()).cast("B"))
+    return h.hexdigest()
+
+
+def ref_key(dataset_desc: str, split: str, extractor_name: str, resolution: int, *, fingerprint: str = "") -> str:
     """A filename-safe cache key for reference statistics.
+
+    `fingerprint` (``content_fingerprint`` of the images) ties the key to the data's content, so replacing the
+    files behind a path gives a new key instead of stale statistics.
 
     Each part is reduced to [A-Za-z0-9.-] (runs of anything else become "-"), the parts are joined by "__",
     and an 8-hex-digit hash of the unreduced parts is appended, so that descriptions differing only in
@@ -40,7 +53,7 @@ def ref_key(dataset_desc: str, split: str, extractor_name: str, resolution: int)
 
     Example: ref_key("fashion-mnist", "test", "lite0", 28) -> "fashion-mnist__test__lite0__28px__<hash8>".
     """
-    raw = "\x1f".join([dataset_desc, split, extractor_name, str(int(resolution))])
+    raw = "\x1f".join([dataset_desc, split, extractor_name, str(int(resolution)), *([fingerprint] if fingerprint else [])])
     digest = hashlib.sha256(raw.encode("utf-8")).hexdigest()[:8]
     parts = [_UNSAFE.sub("-", p).strip("-.") or "x" for p in (dataset_desc, split, extractor_name)]
     parts[0] = parts[0][:80]
@@ -79,6 +92,18 @@ def stats_of_images(
     return stats
 
 
+def _load_cache(path: Path) -> FeatureStats:
+    """A cache file, checked: readable, at least 2 images, finite numbers. Anything else is one error naming it."""
+    try:
+        stats = FeatureStats.load(path)
+    except Exception as e:  # a half-written or foreign file fails in numpy/zipfile in many ways: one message
+        raise ValueError(f"cached statistics {path} are unreadable ({e}); delete the file to recompute them") from None
+    if stats.count < 2 or not (np.isfinite(stats.sum).all() and np.isfinite(stats.sum_outer).all()):
+        raise ValueError(f"cached statistics {path} are invalid (count {stats.count}, non-finite values or fewer "
+                         "than 2 images); delete the file to recompute them")
+    return stats
+
+
 def reference_stats(
     images_u8: Tensor | Iterable[Tensor],
     extractor: FeatureExtractor,
@@ -107,7 +132,7 @@ def reference_stats(
     folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     path = folder / f"{key}.npz"
     if path.is_file() and not recompute:
-        stats = FeatureStats.load(path)
+        stats = _load_cache(path)
         if stats.extractor != extractor.name or stats.dim != extractor.dim:
             raise ValueError(
                 f"Cached statistics {path} were made with extractor {stats.extractor!r} (dim {stats.dim}), not "

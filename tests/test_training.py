@@ -202,3 +202,67 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     a, b = load_state(tmp_path / "a" / "state.pt")["net"], load_state(tmp_path / "b" / "state.pt")["net"]
     for k in a:
         assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6), k
+
+
+# ---------------------------------------------------------------------------------------------- run ownership
+
+
+@needs_fmnist
+def test_run_directory_is_owned_by_one_process(tmp_path, capsys):
+    import json
+    import socket
+
+    run = tmp_path / "run"
+    args = ["pretrain", "--run", str(run), *TINY, "--train.total-kimg", "0.032", "--train.batch", "16", "--quiet"]
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        run.mkdir()
+        (run / "lock").write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname()}))
+        assert main(args) == 1
+        err = capsys.readouterr().err
+        assert f"in use by process {holder.pid}" in err and str(run / "lock") in err
+        assert not (run / "config.json").exists()  # refused before anything was written
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(args) == 0  # the holder is gone: its lock is taken over, with a note
+    assert f"taking over {run / 'lock'} (process {holder.pid} no longer runs)" in capsys.readouterr().err
+    assert not (run / "lock").exists()  # released when the command ends
+
+
+@needs_fmnist
+def test_a_state_from_another_run_is_refused(tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    common = ["pretrain", *TINY, "--train.total-kimg", "0.032", "--train.batch", "16", "--quiet"]
+    assert main([*common, "--run", str(a)]) == 0
+    assert main([*common, "--run", str(b), "--train.seed", "1", "--until-kimg", "0.016"]) == 0
+    (b / "state.pt").write_bytes((a / "state.pt").read_bytes())
+    assert main([*common, "--run", str(b), "--train.seed", "1"]) == 1
+    assert f"{b / 'state.pt'} belongs to another run" in capsys.readouterr().err
+
+
+@needs_fmnist
+def test_failed_start_does_not_bind_the_run_and_temporaries_are_cleared(tmp_path, capsys):
+    run = tmp_path / "run"
+    common = ["pretrain", "--run", str(run), *TINY, "--train.total-kimg", "0.032", "--train.batch", "16", "--quiet"]
+    assert main([*common, "--data.source", "idx", "--data.path", str(tmp_path / "typo")]) == 1
+    assert "typo" in capsys.readouterr().err
+    (run / ".state.pt.x1y2.tmp").write_bytes(b"half a save")
+    old_umask = os.umask(0o027)
+    try:
+        assert main(common) == 0  # the corrected command: not refused as a "different config"
+    finally:
+        os.umask(old_umask)
+    assert not list(run.glob(".*.tmp"))
+    for name in ("config.json", "state.pt", "model.safetensors"):
+        assert (run / name).stat().st_mode & 0o777 == 0o640, name  # 0o666 under the umask, as open() would
+
+
+def test_empty_or_partial_state_gives_one_message(tmp_path):
+    empty, partial = tmp_path / "empty.pt", tmp_path / "partial.pt"
+    empty.write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"empty\.pt is not a readable ectune training state"):
+        load_state(empty, required=("net",))
+    checkpoint.save_state(partial, {"net": {}, "nimg": 3})
+    with pytest.raises(CheckpointError, match=r"partial\.pt is an incomplete training state \(missing opt, ema\)"):
+        load_state(partial, required=("net", "opt", "ema", "nimg"))

@@ -28,12 +28,19 @@ class CheckpointError(ValueError):
     """A model or state file that cannot be used: names the file and what was expected."""
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path | str, write: Callable[[IO[bytes]], None]) -> None:
     """Write a file through `write(fileobj)` so that readers see either the old or the complete new file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; the file gets the permissions open() would give
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -122,18 +129,24 @@ def save_state(path: Path | str, state: dict[str, Any]) -> None:
     atomic_write(path, lambda f: torch.save(state, f))
 
 
-def load_state(path: Path | str) -> dict[str, Any]:
+def load_state(path: Path | str, *, required: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A training state written by `save_state`, holding at least the `required` keys."""
     path = Path(path)
+    advice = "delete it to restart from the last model export, or restore it"
     try:
         with open(path, "rb") as f:
-            return torch.load(f, map_location="cpu", weights_only=True)
+            state = torch.load(f, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise
-    except Exception as exc:  # truncated zip, foreign pickle rejected by weights_only, ...
+    except Exception as exc:  # empty or truncated file, foreign pickle rejected by weights_only, ...
+        reason = (str(exc).strip().splitlines() or [""])[0][:200]
         raise CheckpointError(
-            f"{path} is not a readable ectune training state ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
-            "delete it to restart from the last model export, or restore it"
-        ) from exc
+            f"{path} is not a readable ectune training state ({type(exc).__name__}{': ' + reason if reason else ''}); "
+            + advice) from None
+    missing = [k for k in required if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"{path} is an incomplete training state (missing {', '.join(missing)}); {advice}")
+    return state
 
 
 def config_json(cfg: RunConfig) -> str:

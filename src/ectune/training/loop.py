@@ -26,7 +26,7 @@ from ..model import build_model, sample_images, sampling_boundary
 from ..nets import count_params
 from ..precond import Precond, replace_precond
 from ..runtime import distributed as rt_dist
-from ..runtime.checkpoint import load_state, save_model, save_state
+from ..runtime.checkpoint import CheckpointError, load_state, save_model, save_state
 from ..sampling import to_uint8
 from ..schedules import ect_stage, learning_rate
 from .report import Reporter
@@ -191,6 +191,8 @@ def train(
 
     reporter.close()
     rt_dist.barrier()
+    if dist.is_main:
+        run.release_lock()
     return TrainResult(run.root, nimg, last_loss, skipped, time.time() - t0)
 
 
@@ -282,7 +284,10 @@ def restore(run: RunDir, cfg: RunConfig, net: nn.Module, opt: torch.optim.Optimi
 
     A new start normalises EDM2's weights before the first step (see below); a resume loads them as saved."""
     if run.state.exists():
-        state = load_state(run.state)
+        state = load_state(run.state, required=("net", "opt", "ema", "nimg", "skipped"))
+        if state.get("config_hash", run.config_hash(cfg)) != run.config_hash(cfg):
+            raise CheckpointError(f"{run.state} belongs to another run (its config differs from {run.config}); "
+                                  "move it away or use the run directory it came from")
         net.load_state_dict(state["net"], strict=True)
         opt.load_state_dict(state["opt"])
         ema.load_state(state["ema"])
@@ -322,7 +327,7 @@ def save_checkpoint(run: RunDir, cfg: RunConfig, net: nn.Module, opt: torch.opti
     if not is_main:
         return
     save_state(run.state, {"net": net.state_dict(), "opt": opt.state_dict(), "ema": ema.to_state(),
-                           "nimg": nimg, "skipped": skipped})
+                           "nimg": nimg, "skipped": skipped, "config_hash": run.config_hash(cfg)})
     extra = {"nimg": nimg, "objective": cfg.objective.kind}
     for i, label in enumerate(ema.labels):
         path = run.model if i == 0 else run.root / f"model-{label}.safetensors"

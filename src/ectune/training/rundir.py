@@ -1,11 +1,18 @@
 """The run directory: resolved config, training state, model exports, logs and samples.
 
 Rerunning the same command resumes; a config that conflicts with the stored one is refused, naming the fields.
+One process owns a run directory at a time (the lock file `lock` names it); a lock left by a process that no
+longer runs on this host is taken over.
 """
 
 from __future__ import annotations
 
+import atexit
+import hashlib
 import json
+import os
+import socket
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,6 +31,10 @@ class RunDir:
         self.state = root / "state.pt"
         self.model = root / "model.safetensors"
         self.samples = root / "samples"
+        self.lock = root / "lock"
+
+    def trained_anything(self) -> bool:
+        return self.state.exists() or self.model.exists()
 
     def stored_config(self) -> RunConfig | None:
         if not self.config.exists():
@@ -38,7 +49,13 @@ class RunDir:
         """Resolve the config for this run (adopting an --init model's architecture) and record it."""
         if init is not None:
             cfg = adopt_init_architecture(cfg, Path(init))
+        if is_main:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self.acquire_lock()
+            self.remove_stale_temporaries()
         stored = self.stored_config()
+        if stored is not None and not self.trained_anything():
+            stored = None  # a start that failed before its first save (e.g. a typo in --data.path) binds nothing
         if stored is not None:
             given = replace(cfg, train=replace(cfg.train, **{k: getattr(stored.train, k) for k in RUNTIME_FIELDS}))
             conflicts = diff(given, stored)
@@ -49,10 +66,71 @@ class RunDir:
                 )
             return replace(cfg, train=replace(stored.train, **{k: getattr(cfg.train, k) for k in RUNTIME_FIELDS}))
         if is_main:
-            self.root.mkdir(parents=True, exist_ok=True)
             record = {"command": command, "init": None if init is None else str(init), "config": to_dict(cfg)}
             atomic_write_text(self.config, json.dumps(record, indent=2))
         return cfg
+
+    def acquire_lock(self) -> None:
+        """Take the run directory for this process, or refuse naming its holder. A lock whose process is gone
+        (same host, pid no longer running) is taken over with a note; one from another host is never guessed."""
+        me = {"pid": os.getpid(), "host": socket.gethostname()}
+        # Written whole under another name, then hard-linked: the lock never exists half-written, and the link
+        # fails if another process holds it.
+        mine = self.root / f".lock.{me['pid']}.tmp"
+        mine.write_text(json.dumps(me))
+        try:
+            while True:
+                try:
+                    os.link(mine, self.lock)
+                    break
+                except FileExistsError:
+                    holder = self._lock_holder()
+                    if holder == me:
+                        return  # this process already owns it (a second train() call in one process)
+                    if holder is not None and (holder["host"] != me["host"] or _pid_alive(holder["pid"])):
+                        raise ValueError(
+                            f"run directory {self.root} is in use by process {holder['pid']} on {holder['host']} "
+                            f"(lock file {self.lock}); wait for it to finish, or delete the lock file if it is not "
+                            "running") from None
+                    who = "it is unreadable" if holder is None else f"process {holder['pid']} no longer runs"
+                    print(f"note: taking over {self.lock} ({who})", file=sys.stderr)
+                    self.lock.unlink(missing_ok=True)
+        finally:
+            mine.unlink(missing_ok=True)
+        atexit.register(self.lock.unlink, missing_ok=True)
+
+    def release_lock(self) -> None:
+        if self._lock_holder() == {"pid": os.getpid(), "host": socket.gethostname()}:
+            self.lock.unlink(missing_ok=True)
+
+    def _lock_holder(self) -> dict | None:
+        try:
+            holder = json.loads(self.lock.read_text())
+            return {"pid": int(holder["pid"]), "host": str(holder["host"])}
+        except (OSError, ValueError, KeyError, TypeError):
+            return None  # half-written or foreign: treated as stale
+
+    def remove_stale_temporaries(self) -> None:
+        """Temporary files of a save that was killed (`atomic_write` names them `.<name>.<random>.tmp`)."""
+        for folder in (self.root, self.samples):
+            for tmp in folder.glob(".*.tmp") if folder.is_dir() else ():
+                tmp.unlink(missing_ok=True)
+
+    @staticmethod
+    def config_hash(cfg: RunConfig) -> str:
+        """What a training state is tied to: the config without the runtime fields that may change on resume."""
+        fixed = replace(cfg, train=replace(cfg.train, **{k: getattr(RunConfig().train, k) for k in RUNTIME_FIELDS}))
+        return hashlib.sha256(json.dumps(to_dict(fixed), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
 
 
 def adopt_init_architecture(cfg: RunConfig, init: Path) -> RunConfig:

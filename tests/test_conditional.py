@@ -66,7 +66,7 @@ def test_class_conditional_train_and_sample(tmp_path: Path, capsys: pytest.Captu
     model, cfg, _ = load_model(run)
     assert cfg.net.label_dim == 10 and model.net.map_label is not None
     with LabelRecorder() as rec:
-        assert main(["sample", str(run), "--class", "3", "--n", "4", "--steps", "1",
+        assert main(["sample", str(run), "--class", "3", "--n", "4", "--steps", "1", "--force",
                      "--out", str(tmp_path / "c3.npz")]) == 0
     assert len(rec.calls) == 1 and torch.all(_assert_one_hot(rec.calls[0][0], 10) == 3)
     # Without --class the class of sample i is seed i mod 10; the label changes the output.
@@ -75,7 +75,7 @@ def test_class_conditional_train_and_sample(tmp_path: Path, capsys: pytest.Captu
     assert torch.equal(_assert_one_hot(rec.calls[0][0], 10), torch.arange(4))
     class3 = sample_images(model, cfg, torch.arange(4), steps=1, class_labels=torch.full((4,), 3))
     assert torch.equal(default[3], class3[3]) and not torch.equal(default[0], class3[0])
-    assert main(["sample", str(run), "--class", "10", "--n", "1", "--out", str(tmp_path / "x.png")]) == 1
+    assert main(["sample", str(run), "--class", "10", "--n", "1", "--force", "--out", str(tmp_path / "x.png")]) == 1
     assert "--class 10: the model has 10 classes" in capsys.readouterr().err
 
 

@@ -61,7 +61,9 @@ def test_import_edm_then_info_sample_and_tune(tmp_path: Path, fake_edm: Any, cap
     assert main(["info", str(out)]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["params"] == sum(p.numel() for p in net.parameters()) and info["objective"] == "diffusion"
-    assert main(["sample", str(out), "--n", "2", "--steps", "1", "--out", str(tmp_path / "s.png")]) == 0
+    assert main(["sample", str(out), "--n", "2", "--steps", "1", "--out", str(tmp_path / "s.png")]) == 1
+    assert "is a diffusion model" in capsys.readouterr().err and not (tmp_path / "s.png").exists()
+    assert main(["sample", str(out), "--n", "2", "--steps", "1", "--out", str(tmp_path / "s.png"), "--force"]) == 0
     assert (tmp_path / "s.png").exists()
 
     # ECT tuning starts from the imported weights (one optimiser step).
@@ -85,7 +87,7 @@ def test_import_edm2_with_preset_and_class_sampling(tmp_path: Path, fake_edm: An
     model, stored, _ = load_model(out)
     assert stored.net == dataclasses.replace(cfg, dropout=0.1) and stored.data.use_labels
     assert stored.optim.lr == 1e-3 and stored.ema.kind == "power"  # the rest of the recipe is the preset's
-    assert main(["sample", str(out), "--n", "2", "--class", "3", "--out", str(tmp_path / "c.npz")]) == 0
+    assert main(["sample", str(out), "--n", "2", "--class", "3", "--out", str(tmp_path / "c.npz"), "--force"]) == 0
     assert not marker.exists()
 
 

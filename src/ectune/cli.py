@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from dataclasses import replace
@@ -14,7 +15,7 @@ from typing import Sequence
 import torch
 
 from . import __version__
-from .config import RunConfig, to_dict
+from .config import RunConfig, check_all, checks_deferred, to_dict
 
 TRAIN_COMMANDS = ("pretrain", "tune")
 
@@ -81,8 +82,9 @@ def resolve_train_config(command: str, rest: Sequence[str]) -> tuple[argparse.Na
     init = getattr(args, "init", None)
     if init is not None:
         base = adopt_init_architecture(base, init)
-    cfg = tyro.cli(RunConfig, default=base, args=list(overrides), prog=f"ectune {command}")
-    return args, cfg
+    with checks_deferred():
+        cfg = tyro.cli(RunConfig, default=base, args=list(overrides), prog=f"ectune {command}")
+    return args, check_all(cfg)
 
 
 def cmd_train(command: str, rest: Sequence[str]) -> int:
@@ -92,6 +94,8 @@ def cmd_train(command: str, rest: Sequence[str]) -> int:
         return 0
     if args.run is None:
         raise ValueError(f"ectune {command} needs --run DIR (the run directory)")
+    if args.until_kimg is not None and not (math.isfinite(args.until_kimg) and args.until_kimg >= 0):
+        raise ValueError(f"--until-kimg {args.until_kimg}: expected a number >= 0")
     from .training.loop import train
 
     result = train(cfg, args.run, init=getattr(args, "init", None), command=command, until_kimg=args.until_kimg,
@@ -126,7 +130,13 @@ def cmd_sample(command: str, rest: Sequence[str]) -> int:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", type=Path, required=True, help="grid.png, images.npz, or a directory for PNGs")
+    p.add_argument("--force", action="store_true", help="consistency-sample a diffusion model anyway")
     a = p.parse_args(rest)
+    for name in ("steps", "n", "batch"):
+        if getattr(a, name) < 1:
+            raise ValueError(f"--{name} {getattr(a, name)}: expected an integer >= 1")
+    if not 0 <= a.seed <= 2**63 - 1 - a.n:
+        raise ValueError(f"--seed {a.seed}: expected an integer in [0, 2**63 - n)")
     from .imageio import save_images
     from .model import load_model, sample_images
     from .sampling import to_uint8
@@ -138,6 +148,15 @@ def cmd_sample(command: str, rest: Sequence[str]) -> int:
     dist = rt_dist.init_distributed(device.type)  # under torchrun each rank samples a slice of the seeds
     model, cfg, extra = load_model(a.model, device=device)
     cfg = with_sampling_boundary(cfg, a.sigma_min_shift)
+    if a.mid_t is not None:
+        try:
+            replace(cfg.sample, mid_t=tuple(a.mid_t))
+        except ValueError:
+            raise ValueError(f"--mid-t {' '.join(map(str, a.mid_t))}: expected times strictly decreasing inside "
+                             f"(0, t_max = {cfg.sample.t_max})") from None
+    if a.method == "consistency" and extra.get("objective") == "diffusion" and not a.force:
+        raise ValueError(f"{a.model} is a diffusion model (pretrained, not tuned): 1-2 consistency steps give blurs. "
+                         "Use --method heun, tune it with `ectune tune --init`, or pass --force")
     seeds = torch.arange(a.seed, a.seed + a.n)
     if cfg.net.label_dim == 0 and a.class_label is not None:
         raise ValueError(f"--class {a.class_label}: the model is unconditional")

@@ -149,7 +149,7 @@ def _ref_stats_parser() -> argparse.ArgumentParser:
 def cmd_ref_stats(command: str, rest: Sequence[str]) -> int:
     import tyro
 
-    from .config import RunConfig
+    from .config import RunConfig, check_all, checks_deferred
     from .data import open_dataset
     from .presets import get_preset
     from .training.loop import resolve_device
@@ -164,7 +164,9 @@ def cmd_ref_stats(command: str, rest: Sequence[str]) -> int:
     if stray:
         raise ValueError(f"ectune ref-stats: unknown option(s) {' '.join(stray)}; only --data.FIELD options configure the data")
     base = get_preset(a.preset, "pretrain") if a.preset else RunConfig()
-    cfg = tyro.cli(RunConfig, default=base, args=list(overrides), prog="ectune ref-stats") if overrides else base
+    with checks_deferred():
+        cfg = tyro.cli(RunConfig, default=base, args=list(overrides), prog="ectune ref-stats") if overrides else base
+    check_all(cfg)
     device = resolve_device(a.device)
     data = open_dataset(cfg.data)
     ext = load_extractor(a.metric, device=device, weights=a.weights)

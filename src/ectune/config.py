@@ -7,10 +7,15 @@ never in optimiser steps, so batch size and GPU count do not change any schedule
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import json
+import math
+import types
+import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, Union
 
 ArchName = Literal["ddpmpp", "edm2"]
 ObjectiveName = Literal["diffusion", "ect", "ict"]
@@ -20,8 +25,38 @@ WeightingName = Literal[
 ]
 
 
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _int_in(x: Any, lo: int, hi: int) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and lo <= x <= hi
+
+
+_checks_deferred: contextvars.ContextVar[bool] = contextvars.ContextVar("ectune_config_checks_deferred", default=False)
+
+
+class _Validated:
+    """Each config section checks its fields where it is built (from the CLI, a preset or a stored file), so a
+    bad value stops with one message naming its option before anything runs."""
+
+    _section: ClassVar[str]
+
+    def __post_init__(self) -> None:
+        if not _checks_deferred.get():
+            self.check()
+
+    def check(self) -> None:
+        """Raise ValueError naming the first field outside its allowed range."""
+
+    def _require(self, name: str, ok: bool, expected: str) -> None:
+        if not ok:
+            option = f"--{self._section}.{name.replace('_', '-')}"
+            raise ValueError(f"{option} {getattr(self, name)!r}: expected {expected}")
+
+
 @dataclass(frozen=True)
-class NetConfig:
+class NetConfig(_Validated):
     """Network architecture (REFERENCE §7). `arch` picks the family; unused fields are ignored by the other."""
 
     arch: ArchName = "ddpmpp"
@@ -42,18 +77,46 @@ class NetConfig:
     concat_balance: float = 0.5  # EDM2 only
     checkpointing: bool = False  # gradient checkpointing per block (largest models)
 
+    _section = "net"
+
+    def check(self) -> None:
+        r = self._require
+        r("img_resolution", _int_in(self.img_resolution, 1, 4096), "an integer in [1, 4096]")
+        r("img_channels", _int_in(self.img_channels, 1, 64), "an integer in [1, 64]")
+        r("label_dim", _int_in(self.label_dim, 0, 100_000), "an integer in [0, 100000] (0 = unconditional)")
+        r("model_channels", _int_in(self.model_channels, 1, 4096), "an integer in [1, 4096]")
+        r("channel_mult", len(self.channel_mult) > 0 and all(_int_in(m, 1, 64) for m in self.channel_mult),
+          "one or more integers in [1, 64], one per resolution level")
+        widest = self.model_channels * max(self.channel_mult)
+        r("model_channels", widest <= 8192, f"at most 8192 channels in the widest level, got {widest}")
+        r("channel_mult_emb", _int_in(self.channel_mult_emb, 1, 64), "an integer in [1, 64]")
+        r("channel_mult_noise", _int_in(self.channel_mult_noise, 1, 64), "an integer in [1, 64]")
+        r("num_blocks", _int_in(self.num_blocks, 1, 64), "an integer in [1, 64]")
+        r("attn_resolutions", all(_int_in(a, 1, 4096) for a in self.attn_resolutions), "resolutions >= 1")
+        r("dropout", _finite(self.dropout) and 0 <= self.dropout < 1, "a probability in [0, 1)")
+        r("dropout_res", _int_in(self.dropout_res, 1, 1 << 30), "a resolution >= 1")
+        r("augment_dim", _int_in(self.augment_dim, 0, 4096), "an integer >= 0")
+        r("label_balance", _finite(self.label_balance) and 0 <= self.label_balance <= 1, "a number in [0, 1]")
+        r("concat_balance", _finite(self.concat_balance) and 0 <= self.concat_balance <= 1, "a number in [0, 1]")
+
 
 @dataclass(frozen=True)
-class PrecondConfig:
+class PrecondConfig(_Validated):
     """EDM preconditioning (Eq. 7, REFERENCE §1)."""
 
     sigma_data: float = 0.5
     # Explicit option for the reference code's σ_min-shifted boundary; 0 = the paper's exact f(x, 0) = x.
     sigma_min_shift: float = 0.0
 
+    _section = "precond"
+
+    def check(self) -> None:
+        self._require("sigma_data", _finite(self.sigma_data) and self.sigma_data > 0, "a number > 0")
+        self._require("sigma_min_shift", _finite(self.sigma_min_shift) and self.sigma_min_shift >= 0, "a number >= 0")
+
 
 @dataclass(frozen=True)
-class ObjectiveConfig:
+class ObjectiveConfig(_Validated):
     """Training objective: diffusion pretraining (r = 0), ECT, or the iCT baseline (REFERENCE §2-4)."""
 
     kind: ObjectiveName = "ect"
@@ -85,9 +148,31 @@ class ObjectiveConfig:
     sigma_max: float = 80.0
     rho: float = 7.0
 
+    _section = "objective"
+
+    def check(self) -> None:
+        r = self._require
+        r("P_mean", _finite(self.P_mean), "a finite number")
+        r("P_std", _finite(self.P_std) and self.P_std > 0, "a number > 0")
+        # q ≤ 1 would give r = 0 (q = 1: a diffusion model, silently) or r > t (q < 1): Eq. 18 needs q > 1.
+        r("q", _finite(self.q) and (self.q > 1 or self.kind != "ect"), "a number > 1 (r = t·(1 − n(t)/q^a), Eq. 18)")
+        r("k", _finite(self.k) and self.k >= 0, "a number >= 0")
+        r("b", _finite(self.b) and self.b >= 0, "a number >= 0")
+        r("stage_kimg", _finite(self.stage_kimg) and self.stage_kimg >= 0, "a number >= 0 (0 = total / stages)")
+        r("stages", _int_in(self.stages, 1, 10_000), "an integer >= 1")
+        r("p", _finite(self.p) and self.p >= 0, "a number >= 0")
+        r("c", _finite(self.c) and self.c >= 0, "a number >= 0")
+        r("ict_s0", _int_in(self.ict_s0, 1, 1 << 20), "an integer >= 1")
+        r("ict_s1", _int_in(self.ict_s1, self.ict_s0, 1 << 20), f"an integer >= ict_s0 ({self.ict_s0})")
+        r("ict_fixed_n", self.ict_fixed_n == 0 or _int_in(self.ict_fixed_n, 2, 1 << 20), "0 (curriculum) or >= 2")
+        r("ict_c_scale", _finite(self.ict_c_scale) and self.ict_c_scale >= 0, "a number >= 0")
+        r("sigma_min", _finite(self.sigma_min) and self.sigma_min > 0, "a number > 0")
+        r("sigma_max", _finite(self.sigma_max) and self.sigma_max > self.sigma_min, f"a number > sigma_min ({self.sigma_min})")
+        r("rho", _finite(self.rho) and self.rho > 0, "a number > 0")
+
 
 @dataclass(frozen=True)
-class OptimConfig:
+class OptimConfig(_Validated):
     name: Literal["radam", "adam"] = "radam"
     lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.999)
@@ -99,9 +184,21 @@ class OptimConfig:
     warmup_kimg: float = 0.0
     grad_clip: float = 0.0  # 0 = off
 
+    _section = "optim"
+
+    def check(self) -> None:
+        r = self._require
+        r("lr", _finite(self.lr) and self.lr > 0, "a finite number > 0")
+        r("betas", len(self.betas) == 2 and all(_finite(b) and 0 <= b < 1 for b in self.betas), "two numbers in [0, 1)")
+        r("eps", _finite(self.eps) and self.eps > 0, "a number > 0 (Adam divides by √v + eps)")
+        r("weight_decay", _finite(self.weight_decay) and self.weight_decay >= 0, "a number >= 0")
+        r("t_ref_kimg", _finite(self.t_ref_kimg) and self.t_ref_kimg > 0, "a number > 0")
+        r("warmup_kimg", _finite(self.warmup_kimg) and self.warmup_kimg >= 0, "a number >= 0")
+        r("grad_clip", _finite(self.grad_clip) and self.grad_clip >= 0, "a number >= 0 (0 = off)")
+
 
 @dataclass(frozen=True)
-class EMAConfig:
+class EMAConfig(_Validated):
     """Exponential moving average of the weights (REFERENCE §3.7)."""
 
     kind: Literal["fixed", "halflife", "power"] = "fixed"
@@ -109,9 +206,19 @@ class EMAConfig:
     halflife_kimg: float = 500.0  # half-life in images, batch-size independent
     sigma_rels: tuple[float, ...] = (0.05,)  # EDM2 power-function EMA; the first is the one exported
 
+    _section = "ema"
+
+    def check(self) -> None:
+        r = self._require
+        r("beta", _finite(self.beta) and 0 <= self.beta < 1, "a number in [0, 1)")
+        r("halflife_kimg", _finite(self.halflife_kimg) and self.halflife_kimg > 0, "a number > 0")
+        # σ_rel of the power-function EMA is √((γ+1)/((γ+2)²(γ+3))), at most √(1/12) ≈ 0.2887 (γ → 0).
+        r("sigma_rels", len(self.sigma_rels) > 0 and all(_finite(v) and 0 < v < math.sqrt(1 / 12)
+                                                          for v in self.sigma_rels), "numbers in (0, 0.2887)")
+
 
 @dataclass(frozen=True)
-class DataConfig:
+class DataConfig(_Validated):
     """Where the images come from (see ectune.data)."""
 
     source: Literal["fashion-mnist", "idx", "edm", "torchvision"] = "fashion-mnist"
@@ -123,9 +230,14 @@ class DataConfig:
     xflip: bool = False  # random horizontal flips, on the device
     download: bool = False  # torchvision only
 
+    _section = "data"
+
+    def check(self) -> None:
+        self._require("resolution", _int_in(self.resolution, 0, 4096), "0 (native) or a size in [1, 4096]")
+
 
 @dataclass(frozen=True)
-class SampleConfig:
+class SampleConfig(_Validated):
     """Sampling defaults stored with exported models (REFERENCE §5)."""
 
     t_max: float = 80.0
@@ -138,9 +250,24 @@ class SampleConfig:
     # checkpoints, 0.002 for some), 0 with the exact f(x, 0) = x; None = the training boundary.
     sigma_min_shift: float | None = None
 
+    _section = "sample"
+
+    def check(self) -> None:
+        r = self._require
+        r("t_max", _finite(self.t_max) and self.t_max > 0, "a number > 0")
+        times = (self.t_max, *self.mid_t)
+        r("mid_t", all(_finite(v) for v in self.mid_t) and all(a > b for a, b in zip(times, times[1:]))
+          and all(v > 0 for v in self.mid_t), f"times strictly decreasing inside (0, t_max = {self.t_max})")
+        r("heun_steps", _int_in(self.heun_steps, 1, 10_000), "an integer >= 1")
+        r("sigma_min", _finite(self.sigma_min) and 0 < self.sigma_min < self.t_max, "a number in (0, t_max)")
+        r("rho", _finite(self.rho) and self.rho > 0, "a number > 0")
+        r("sigma_min_shift", self.sigma_min_shift is None or (_finite(self.sigma_min_shift)
+                                                              and 0 <= self.sigma_min_shift < self.t_max),
+          f"none (the training boundary) or a sampling boundary in [0, t_max = {self.t_max})")
+
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(_Validated):
     total_kimg: float = 12800.0
     batch: int = 128  # global batch (all ranks, all accumulation rounds)
     accum: int = 1  # gradient accumulation rounds per optimiser step
@@ -162,6 +289,20 @@ class TrainConfig:
     max_bad_steps: int = 20  # consecutive non-finite steps before stopping
     num_workers: int = 0
 
+    _section = "train"
+
+    def check(self) -> None:
+        r = self._require
+        r("total_kimg", _finite(self.total_kimg) and self.total_kimg > 0, "a finite number > 0")
+        r("batch", _int_in(self.batch, 1, 1 << 24), "an integer >= 1")
+        r("accum", _int_in(self.accum, 1, 1 << 24) and self.batch % self.accum == 0,
+          f"an integer >= 1 that divides train.batch ({self.batch})")
+        r("seed", _int_in(self.seed, 0, 2**63 - 1), "an integer in [0, 2**63)")
+        for name in ("status_kimg", "save_kimg", "sample_kimg", "eval_kimg"):
+            r(name, _finite(getattr(self, name)) and getattr(self, name) >= 0, "a number >= 0")
+        r("eval_n", _int_in(self.eval_n, 2, 1 << 24), "an integer >= 2 (a covariance needs 2 samples)")
+        r("max_bad_steps", _int_in(self.max_bad_steps, 1, 1 << 30), "an integer >= 1")
+
 
 @dataclass(frozen=True)
 class RunConfig:
@@ -173,6 +314,24 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@contextlib.contextmanager
+def checks_deferred() -> Any:
+    """Build configs without checking them (the CLI parser builds sections before it has every option; tyro would
+    turn a check's error into its own message box), then call `check_all` on the result."""
+    token = _checks_deferred.set(True)
+    try:
+        yield
+    finally:
+        _checks_deferred.reset(token)
+
+
+def check_all(cfg: RunConfig) -> RunConfig:
+    """Check every section of `cfg` (see `_Validated`); returns it unchanged."""
+    for f in dataclasses.fields(cfg):
+        getattr(cfg, f.name).check()
+    return cfg
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -201,18 +360,45 @@ def from_dict(cls: type, data: dict[str, Any], *, where: str = "config") -> Any:
         typ = hints[name]
         if dataclasses.is_dataclass(typ):
             kwargs[name] = from_dict(typ, value, where=f"{where}.{name}")
-        elif isinstance(value, list):
-            kwargs[name] = tuple(value)
-        else:
-            kwargs[name] = value
+            continue
+        value = tuple(value) if isinstance(value, list) else value
+        if not _has_type(value, typ):
+            raise ValueError(f"{where}.{name}: expected {_type_name(typ)}, got {value!r}")
+        kwargs[name] = value
     for name, value in ABSENT_FIELD_VALUES.get(cls.__name__, {}).items():
         kwargs.setdefault(name, value)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as exc:  # a section's own check: say which file it came from
+        raise ValueError(f"{where}: {exc}") from None
+
+
+def _has_type(value: Any, typ: Any) -> bool:
+    """Whether JSON-decoded `value` fits the field type `typ` (the types config fields use)."""
+    origin, args = typing.get_origin(typ), typing.get_args(typ)
+    if origin is Literal:
+        return value in args
+    if origin in (Union, types.UnionType):
+        return any(_has_type(value, a) for a in args)
+    if origin is tuple:
+        if not isinstance(value, tuple):
+            return False
+        item_types = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
+        return len(item_types) == len(value) and all(_has_type(v, t) for v, t in zip(value, item_types))
+    if typ is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if typ is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if typ is type(None):
+        return value is None
+    return isinstance(value, typ)
+
+
+def _type_name(typ: Any) -> str:
+    return str(typ).replace("typing.", "") if typing.get_args(typ) else typ.__name__
 
 
 def _resolved_types(cls: type) -> dict[str, Any]:
-    import typing
-
     return typing.get_type_hints(cls)
 
 

@@ -14,7 +14,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, IO
+from typing import Any, Callable, IO, Iterator
 
 import torch
 from safetensors.torch import load_file, safe_open, save
@@ -73,9 +73,35 @@ def _check_safetensors_header(path: Path) -> None:
     raise CheckpointError(f"{path} is not a safetensors file (bad header; truncated or another format)")
 
 
+def _tensors_in(obj: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    """(dotted name, tensor) for every tensor in nested dicts and lists (a training state)."""
+    if isinstance(obj, torch.Tensor):
+        yield prefix, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _tensors_in(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _tensors_in(v, f"{prefix}.{i}")
+
+
+def nonfinite_tensors(obj: Any) -> list[str]:
+    """Names of the floating tensors in `obj` (a tensor dict or a nested state) that hold NaN or inf."""
+    return [name for name, t in _tensors_in(obj) if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
+def _refuse_nonfinite(obj: Any, path: Path | str, what: str) -> None:
+    bad = nonfinite_tensors(obj)
+    if bad:
+        shown = ", ".join(bad[:5]) + (f", ... ({len(bad)} in all)" if len(bad) > 5 else "")
+        raise CheckpointError(f"{path}: {what} holds NaN or inf ({shown})")
+
+
 def save_model(path: Path | str, state_dict: dict[str, torch.Tensor], cfg: RunConfig, *, extra: dict[str, Any] | None = None) -> None:
-    """Export network weights as safetensors with the config and sampler defaults in the metadata."""
+    """Export network weights as safetensors with the config and sampler defaults in the metadata.
+    Non-finite weights are never written: the previous file stays."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    _refuse_nonfinite(tensors, path, "refusing to write weights that")
     meta = {
         "format": FORMAT,
         "config": json.dumps(to_dict(cfg)),
@@ -109,9 +135,11 @@ def load_model_weights(path: Path | str) -> dict[str, torch.Tensor]:
     path = _model_file(path)
     read_model_meta(path)
     try:
-        return load_file(str(path))
+        weights = load_file(str(path))
     except Exception as exc:
         raise CheckpointError(f"{path}: cannot read the weights ({exc}); the file may be truncated") from exc
+    _refuse_nonfinite(weights, path, "refusing to use it: the model")
+    return weights
 
 
 def _model_file(path: Path | str) -> Path:
@@ -125,7 +153,8 @@ def _model_file(path: Path | str) -> Path:
 
 
 def save_state(path: Path | str, state: dict[str, Any]) -> None:
-    """Training state (tensors, numbers, strings, nested dicts/lists), atomically."""
+    """Training state (tensors, numbers, strings, nested dicts/lists), atomically; never with NaN or inf."""
+    _refuse_nonfinite(state, path, "refusing to write a training state that")
     atomic_write(path, lambda f: torch.save(state, f))
 
 
@@ -146,6 +175,7 @@ def load_state(path: Path | str, *, required: tuple[str, ...] = ()) -> dict[str,
     missing = [k for k in required if not isinstance(state, dict) or k not in state]
     if missing:
         raise CheckpointError(f"{path} is an incomplete training state (missing {', '.join(missing)}); {advice}")
+    _refuse_nonfinite(state, path, "cannot resume: the training state")
     return state
 
 

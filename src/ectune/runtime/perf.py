@@ -115,35 +115,31 @@ class DeviceStepGuard:
             return StepFlag(self._sync_step(opt, loss_sum, grad_clip))
         norm = torch.linalg.vector_norm(self.flat)
         good = torch.isfinite(norm) & torch.isfinite(loss_sum.to(self.device))
-        flag = StepFlag(good)  # its copy and event are queued right behind the check, before the update
         self.flat.masked_fill_(~good, 0.0)  # NaN-safe: a bad step's gradients become zeros
         if grad_clip > 0:
             scale = torch.where(good, torch.clamp(grad_clip / (norm + 1e-6), max=1.0), torch.zeros_like(norm))
             self.flat.mul_(scale)
+        tensors = self._state_tensors(opt)
+        if tensors is None:
+            return StepFlag(self._sync_step(opt, loss_sum, grad_clip, checked=good))
+        if self._backup is None or len(self._backup) != len(tensors) or any(
+                b.shape != t.shape or b.dtype != t.dtype for b, t in zip(self._backup, tensors)):
+            self._backup = [torch.empty_like(t) for t in tensors]
+        torch._foreach_copy_(self._backup, tensors)
         if _is_fused_adam(opt):
-            found_inf = (~good).to(torch.float32)  # 0-dim, like the step counters
-            opt.found_inf = found_inf  # read by torch's fused Adam/AdamW step, as under GradScaler
+            opt.found_inf = (~good).to(torch.float32)  # read by torch's fused Adam/AdamW step, as under GradScaler
             opt.grad_scale = None
             try:
                 opt.step()
             finally:
                 del opt.found_inf, opt.grad_scale
-            return flag
-        tensors = self._state_tensors(opt)
-        if tensors is None:
-            self._sync_step(opt, loss_sum, grad_clip, checked=good)
-            return flag
-        if self._backup is None or len(self._backup) != len(tensors) or any(
-                b.shape != t.shape or b.dtype != t.dtype for b, t in zip(self._backup, tensors)):
-            self._backup = [torch.empty_like(t) for t in tensors]
-        torch._foreach_copy_(self._backup, tensors)
-        opt.step()
-        keep = good.to(self.flat.dtype)
-        restore = 1 - keep
-        torch._foreach_mul_(tensors, keep)
-        torch._foreach_mul_(self._backup, restore)
-        torch._foreach_add_(tensors, self._backup)
-        return flag
+        else:
+            opt.step()
+        # Finite gradients can still give non-finite weights (an lr or eps that overflows): undo such a step too.
+        good = good & all_finite(self.params)
+        for t, b in zip(tensors, self._backup):
+            torch.where(good, t, b, out=t)  # where, not a 0/1 blend: NaN·0 is NaN
+        return StepFlag(good)
 
     def _state_tensors(self, opt: torch.optim.Optimizer) -> list[Tensor] | None:
         """Parameters + every floating tensor of their optimiser state, all on the guard's device, or None when
@@ -172,13 +168,38 @@ class DeviceStepGuard:
             if bool(checked) and grad_clip > 0:
                 torch._foreach_mul_(grads, torch.clamp(grad_clip / (norm + 1e-6), max=1.0))
         if bool(checked):  # host sync (fallback only)
-            opt.step()
+            checked = torch.tensor(step_unless_nonfinite(opt, self.params), device=self.device)
         return checked
 
     def _warn(self, msg: str) -> None:
         if not self._warned:
             warnings.warn(f"DeviceStepGuard: {msg}", RuntimeWarning, stacklevel=3)
             self._warned = True
+
+
+def all_finite(tensors: list[Tensor]) -> Tensor:
+    """0-dim bool on the tensors' device: no NaN or inf in any of them (one fused norm per tensor, no sync)."""
+    return torch.isfinite(torch.stack(torch._foreach_norm(tensors))).all()
+
+
+@torch.no_grad()
+def step_unless_nonfinite(opt: torch.optim.Optimizer, params: list[Tensor]) -> bool:
+    """`opt.step()`, undone (weights and optimiser state) if it leaves a weight non-finite, as an lr or eps that
+    overflows can with finite gradients. Returns whether the step was kept. Costs a copy of weights and state."""
+    before = {id(p): {k: v.clone() for k, v in opt.state[p].items() if isinstance(v, Tensor)}
+              for p in params if opt.state.get(p)}
+    weights = [p.detach().clone() for p in params]
+    opt.step()
+    if bool(all_finite(params)):
+        return True
+    torch._foreach_copy_(params, weights)
+    for p in params:
+        if id(p) in before:
+            for k, v in before[id(p)].items():
+                opt.state[p][k] = v
+        else:
+            opt.state.pop(p, None)  # the first step created this state: back to none
+    return False
 
 
 def _is_fused_adam(opt: torch.optim.Optimizer) -> bool:

@@ -27,6 +27,7 @@ from ..nets import count_params
 from ..precond import Precond, replace_precond
 from ..runtime import distributed as rt_dist
 from ..runtime.checkpoint import CheckpointError, load_state, save_model, save_state
+from ..runtime.perf import step_unless_nonfinite
 from ..sampling import to_uint8
 from ..schedules import ect_stage, learning_rate
 from .report import Reporter
@@ -149,24 +150,27 @@ def train(
         _next(nimg, k) for k in (cfg.train.status_kimg, cfg.train.save_kimg, cfg.train.sample_kimg, cfg.train.eval_kimg))
     bad_in_a_row = 0
     last_loss = math.nan
+    last_save_nimg: int | None = None
 
     model.train()
     while nimg < stop_nimg:
         lr = set_learning_rate(opt, cfg, nimg)
         loss_sum, r_over_t, finite = training_step(train_model, target_model, opt, data, cfg, nimg, dist, device, loss_kwargs)
+        nimg += cfg.train.batch
         if finite:
             bad_in_a_row = 0
             net.normalize_weights_()  # EDM2's forced weight normalisation (no-op for DDPM++)
+            ema.update(net, nimg=nimg, batch=cfg.train.batch)  # a skipped step leaves the averages alone too
         else:
             bad_in_a_row += 1
             skipped += 1
             if bad_in_a_row >= cfg.train.max_bad_steps:
+                last = (f"the last save is {run.state} at {last_save_nimg / 1000:.3f} kimg" if last_save_nimg is not None
+                        else "nothing was saved by this command")
                 raise TrainingError(
-                    f"{bad_in_a_row} consecutive steps had non-finite losses or gradients at {nimg / 1000:.1f} kimg; "
-                    f"stopping. The last good state is {run.state}; lower --optim.lr or check the data."
+                    f"{bad_in_a_row} consecutive steps had non-finite losses, gradients or updated weights at "
+                    f"{nimg / 1000:.1f} kimg; stopping ({last}). Lower --optim.lr or check the data."
                 )
-        nimg += cfg.train.batch
-        ema.update(net, nimg=nimg, batch=cfg.train.batch)
         meter.add(loss_sum, cfg.train.batch, r_over_t)
         reporter.advance(min(nimg, stop_nimg) / 1000)
 
@@ -186,7 +190,7 @@ def train(
             next_status = _next(nimg, cfg.train.status_kimg)
         if nimg >= next_save or done:
             save_checkpoint(run, cfg, net, opt, ema, nimg, skipped, is_main=dist.is_main)
-            next_save = _next(nimg, cfg.train.save_kimg)
+            last_save_nimg, next_save = nimg, _next(nimg, cfg.train.save_kimg)
         if cfg.train.sample_kimg > 0 and (nimg >= next_sample or done):
             save_sample_grids(run, cfg, ema_model, ema, nimg, device, is_main=dist.is_main)
             next_sample = _next(nimg, cfg.train.sample_kimg)
@@ -274,8 +278,9 @@ def training_step(
     if finite:
         if cfg.optim.grad_clip > 0:
             torch._foreach_mul_(grads, torch.clamp(cfg.optim.grad_clip / (grad_norm + 1e-6), max=1.0))
-        opt.step()
-    else:
+        # Weights are equal on every rank after the all-reduce, so every rank keeps or undoes the step alike.
+        finite = step_unless_nonfinite(opt, [p for p in target_model.net.parameters() if p.requires_grad])
+    if not finite:
         loss_sum = torch.zeros((), device=device)
     return loss_sum, r_over_t, finite
 

@@ -76,3 +76,61 @@ def test_every_preset_is_valid():
         for mode in ("pretrain", "tune"):
             cfg = get_preset(name, mode)
             assert dataclasses.replace(cfg) == cfg
+
+
+# ---------------------------------------------------------------------------------------------- every command
+
+
+@pytest.fixture
+def model_file(tmp_path):
+    from ectune.nets import SMALL_CONFIGS, build_net
+    from ectune.runtime.checkpoint import save_model
+
+    cfg = dataclasses.replace(RunConfig(), net=SMALL_CONFIGS["tiny"])
+    path = tmp_path / "m.safetensors"
+    save_model(path, build_net(cfg.net).state_dict(), cfg, extra={"objective": "ect"})
+    return path
+
+
+def bad_invocations(tmp: str, model: str) -> list[tuple[list[str], str]]:
+    garbage = f"{tmp}/garbage.bin"
+    return [
+        (["pretrain", "--run", f"{tmp}/r", "--data.source", "idx", "--data.path", f"{tmp}/nope"], f"{tmp}/nope"),
+        (["pretrain", "--run", f"{tmp}/r", "--preset", "nope"], "unknown preset 'nope'"),
+        (["pretrain", "--dry-run"] + ["--train.batch", "-3"], "--train.batch -3"),
+        (["tune", "--run", f"{tmp}/r", "--init", f"{tmp}/nope.safetensors"], f"{tmp}/nope.safetensors"),
+        (["tune", "--run", f"{tmp}/r", "--init", garbage], garbage),
+        (["sample", f"{tmp}/nope.safetensors", "--out", f"{tmp}/x.png"], f"{tmp}/nope.safetensors"),
+        (["sample", garbage, "--out", f"{tmp}/x.png"], garbage),
+        (["sample", model, "--n", "0", "--out", f"{tmp}/x.png"], "--n 0"),
+        (["sample", model, "--batch", "-1", "--out", f"{tmp}/x.png"], "--batch -1"),
+        (["sample", model, "--steps", "2", "--mid-t", "nan", "--out", f"{tmp}/x.png"], "--mid-t nan"),
+        (["sample", model, "--seed", str(2**63), "--out", f"{tmp}/x.png"], "--seed"),
+        (["sample", model, "--device", "cuda:7", "--out", f"{tmp}/x.png"], "--device cuda:7"),
+        (["sample", model, "--device", "gpu", "--out", f"{tmp}/x.png"], "--device 'gpu'"),
+        (["info", f"{tmp}/nope"], f"{tmp}/nope"),
+        (["info", garbage], garbage),
+        (["eval", f"{tmp}/nope.safetensors", "--device", "cpu"], f"{tmp}/nope.safetensors"),
+        (["eval", model, "--metric", "nope", "--device", "cpu"], "nope"),
+        (["eval", model, "--weights", garbage, "--device", "cpu", "--n", "4"], garbage),
+        (["ref-stats", "--data.source", "idx", "--data.path", f"{tmp}/nope", "--device", "cpu"], f"{tmp}/nope"),
+        (["ref-stats", "--metric", "nope"], "nope"),
+        (["import-edm", f"{tmp}/nope.pkl", "--out", f"{tmp}/o.safetensors"], f"{tmp}/nope.pkl"),
+        (["import-edm", garbage, "--out", f"{tmp}/o.safetensors"], garbage),
+        (["convert-images", f"{tmp}/nope", f"{tmp}/d.zip"], f"{tmp}/nope"),
+        (["convert-images", tmp, f"{tmp}/d.zip", "--resolution", "0"], "resolution=0"),
+    ]
+
+
+def test_no_bad_input_gives_a_traceback(tmp_path, model_file, capsys):
+    """Every command, given bad input, exits non-zero with one message naming the file or option; no exception
+    escapes `main` (an uncaught one would fail this test with its traceback)."""
+    (tmp_path / "garbage.bin").write_bytes(b"\x00garbage\xff" * 100)
+    for argv, named in bad_invocations(str(tmp_path), str(model_file)):
+        try:
+            code = main(argv)
+        except SystemExit as exc:  # argparse/tyro usage errors: a message and exit code 2, no traceback
+            code = exc.code
+        err = capsys.readouterr().err
+        assert code not in (0, None), argv
+        assert named in err and "Traceback" not in err, (argv, err)

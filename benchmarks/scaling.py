@@ -1,7 +1,7 @@
 """Scaling law of ECT (Sec. 4.2): fit FD = K · C^α over tuning budgets C and report the Pearson r of log C vs log FD.
 
 Each budget is a complete ECT run (its own stage schedule, d = C / stages) from the same pretrained diffusion model;
-budgets double, so the points are evenly spaced in log C. The fit (`ectune.evaluation.fit_power_law`) is a pure,
+budgets double, so the points are evenly spaced in log C. The fit (`ectune.analysis.fit_power_law`) is a pure,
 unit-tested function: log-log least squares, and scipy.stats.pearsonr for r and its p-value.
 
     python benchmarks/scaling.py --size smoke            # 2-core CPU, a few minutes, tiny net, n = 200
@@ -26,8 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from paper_table import SIZES as TABLE_SIZES  # noqa: E402  (same nets, batches and learning rates)
 from paper_table import Size, _snap, log_log_axes, pretrain, save_log_log, tune_and_eval  # noqa: E402
 
+from ectune.analysis import PowerLawFit, fit_power_law  # noqa: E402
 from ectune.data import open_dataset  # noqa: E402
-from ectune.evaluation import PowerLawFit, describe_hardware, fit_power_law, load_extractor, reference_for_data  # noqa: E402
+from ectune.evaluation import describe_hardware, load_extractor, reference_for_data  # noqa: E402
 from ectune.runtime.checkpoint import atomic_write_text, read_model_meta  # noqa: E402
 from ectune.training.loop import resolve_device  # noqa: E402
 

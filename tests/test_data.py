@@ -25,7 +25,6 @@ from ectune.data import (
     global_indices,
     load_batch,
     open_dataset,
-    rank_slice,
     read_idx,
     to_model_input,
     write_idx,
@@ -479,14 +478,7 @@ def test_every_epoch_is_a_permutation() -> None:
     assert not torch.equal(stream, global_indices(n, seed=1, start=0, count=5 * n))  # the seed matters
 
 
-def test_rank_slices_partition_global_batch() -> None:
-    batch = global_indices(100, seed=0, start=40, count=12)
-    parts = [rank_slice(batch, r, 4) for r in range(4)]
-    assert all(p.shape == (3,) for p in parts) and torch.equal(torch.cat(parts), batch)
-    with pytest.raises(DataError, match="not divisible by world_size=5"):
-        rank_slice(batch, 0, 5)
-    with pytest.raises(DataError, match="rank=4"):
-        rank_slice(batch, 4, 4)
+def test_global_indices_needs_items() -> None:
     with pytest.raises(DataError, match="n_items=0"):
         global_indices(0, seed=0, start=0, count=1)
 

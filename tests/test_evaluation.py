@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ectune import evaluation
+from ectune import analysis, evaluation
 from ectune.cli import main
 from ectune.config import DataConfig, ObjectiveConfig
 from ectune.data import read_idx, write_idx
@@ -171,14 +171,14 @@ def test_clear_errors(tiny_model, capsys, args, message):
 # ---------------------------------------------------------------------------------------------- library
 def test_golden_section_finds_analytic_minimum():
     # f has its minimum at x* = 1.7 on a log scale; 30 iterations shrink the bracket by 0.618^30 ≈ 5e-7.
-    best, hist = evaluation.golden_section_search(lambda x: (math.log(x) - math.log(1.7)) ** 2, 0.05, 20.0, iters=30)
+    best, hist = analysis.golden_section_search(lambda x: (math.log(x) - math.log(1.7)) ** 2, 0.05, 20.0, iters=30)
     assert best == pytest.approx(1.7, rel=1e-5) and len(hist) == 32
-    best, _ = evaluation.golden_section_search(lambda x: (x - 3.0) ** 2 + 1, -5.0, 5.0, iters=40, log=False)
+    best, _ = analysis.golden_section_search(lambda x: (x - 3.0) ** 2 + 1, -5.0, 5.0, iters=40, log=False)
     assert best == pytest.approx(3.0, abs=1e-6)
-    best, _ = evaluation.golden_section_search(lambda x: x, 0.5, 8.0, iters=30)  # monotone: converges to the edge
+    best, _ = analysis.golden_section_search(lambda x: x, 0.5, 8.0, iters=30)  # monotone: converges to the edge
     assert best == pytest.approx(0.5, rel=1e-4)
     with pytest.raises(ValueError, match="lo < hi"):
-        evaluation.golden_section_search(lambda x: x, 0.0, 1.0)
+        analysis.golden_section_search(lambda x: x, 0.0, 1.0)
 
 
 def test_evaluate_in_training_record(tiny_model, fake_extractor):
@@ -211,7 +211,7 @@ def test_distributed_split_matches_one_process(tiny_model, fake_extractor, monke
                                               device="cpu", batch=4, keep_features=5)
     parts = []
     for rank in (0, 1):
-        monkeypatch.setattr(evaluation, "_dist_info", lambda rank=rank: (rank, 2))
+        monkeypatch.setattr(evaluation.rt_dist, "rank_and_world", lambda rank=rank: (rank, 2))
         monkeypatch.setattr(evaluation.FeatureStats, "all_reduce_", lambda self: self)
         stats, _ = evaluation._generator_stats(model, cfg, seeds, ext, steps=1, mid_t=None, method="consistency",
                                                device="cpu", batch=4)
@@ -227,18 +227,18 @@ def test_distributed_split_matches_one_process(tiny_model, fake_extractor, monke
 def test_fit_power_law_recovers_synthetic_law():
     budgets = np.array([100.0, 200.0, 400.0, 800.0, 1600.0])
     fds = 500.0 * budgets**-0.6
-    fit = evaluation.fit_power_law(budgets, fds)
+    fit = analysis.fit_power_law(budgets, fds)
     assert fit.K == pytest.approx(500.0, rel=1e-9) and fit.alpha == pytest.approx(-0.6, abs=1e-12)
     assert fit.r == pytest.approx(-1.0, abs=1e-12) and fit.p_value < 1e-6 and fit.n_points == 5
     rng = np.random.default_rng(0)
     noisy = fds * np.exp(rng.normal(0, 0.05, size=fds.shape))
-    fit = evaluation.fit_power_law(budgets, noisy)
+    fit = analysis.fit_power_law(budgets, noisy)
     assert fit.alpha == pytest.approx(-0.6, abs=0.1) and fit.r < -0.95
     assert fit.predict(400.0) == pytest.approx(fit.K * 400.0**fit.alpha)
     with pytest.raises(ValueError, match="at least 3"):
-        evaluation.fit_power_law([1.0, 2.0], [1.0, 2.0])
+        analysis.fit_power_law([1.0, 2.0], [1.0, 2.0])
     with pytest.raises(ValueError, match="positive"):
-        evaluation.fit_power_law([1.0, 2.0, 3.0], [1.0, -2.0, 3.0])
+        analysis.fit_power_law([1.0, 2.0, 3.0], [1.0, -2.0, 3.0])
 
 
 def test_reference_cache_follows_the_images_not_the_path(tmp_path):

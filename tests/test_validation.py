@@ -134,3 +134,12 @@ def test_no_bad_input_gives_a_traceback(tmp_path, model_file, capsys):
         err = capsys.readouterr().err
         assert code not in (0, None), argv
         assert named in err and "Traceback" not in err, (argv, err)
+
+
+def test_retired_fields_of_older_configs_are_ignored():
+    data = to_dict(RunConfig())
+    data["train"]["num_workers"] = 4  # stored by older versions; it never changed what was trained
+    assert from_dict(RunConfig, data) == RunConfig()
+    data["train"]["num_wrokers"] = 4
+    with pytest.raises(ValueError, match="unknown field.*num_wrokers"):
+        from_dict(RunConfig, data)

@@ -287,7 +287,6 @@ class TrainConfig(_Validated):
     eval_metric: str = "lite0"
     eval_n: int = 2000
     max_bad_steps: int = 20  # consecutive non-finite steps before stopping
-    num_workers: int = 0
 
     _section = "train"
 
@@ -342,6 +341,8 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 # Fields whose absence from a stored config means a value other than the field's default: configs written before
 # the field existed describe runs that trained that way, so resuming such a run keeps (or refuses to change) it.
 ABSENT_FIELD_VALUES: dict[str, dict[str, Any]] = {"ObjectiveConfig": {"loss_form": "weighted_l2"}}
+# Fields that older versions stored and that no longer exist; they changed nothing that was trained.
+RETIRED_FIELDS: dict[str, tuple[str, ...]] = {"TrainConfig": ("num_workers",)}
 
 
 def from_dict(cls: type, data: dict[str, Any], *, where: str = "config") -> Any:
@@ -351,6 +352,7 @@ def from_dict(cls: type, data: dict[str, Any], *, where: str = "config") -> Any:
     if not isinstance(data, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    data = {k: v for k, v in data.items() if k not in RETIRED_FIELDS.get(cls.__name__, ())}
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ValueError(f"{where}: unknown field(s) {', '.join(unknown)} for {cls.__name__}")

@@ -5,8 +5,6 @@ The β formulas are pure functions of progress (images seen); `EMA` only holds t
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 from torch import Tensor, nn
@@ -91,7 +89,3 @@ class EMA:
             return [f"sigma_rel{s:g}" for s in self.cfg.sigma_rels]
         return ["ema"]
 
-
-def ema_halflife_from_beta(beta: float, batch: int) -> float:
-    """Half-life in images of a fixed β at a given batch size (for reports)."""
-    return batch * math.log(0.5) / math.log(beta)

@@ -13,23 +13,23 @@ Numbers are reported under the extractor's ``report_name`` ("FD-Lite0" for the o
 
 from __future__ import annotations
 
-import math
 import os
 import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
-import numpy as np
 import torch
-import torch.distributed as tdist
 from torch import Tensor
 
+from .analysis import golden_section_search
 from .config import RunConfig
 from .data import ImageDataset, open_dataset
-from .metrics import FeatureExtractor, FeatureStats, fd_from_stats, get_extractor, precision_recall, ref_key, reference_stats
-from .metrics.refstats import content_fingerprint, default_cache_dir
+from .metrics import (
+    FeatureExtractor, FeatureStats, content_fingerprint, default_cache_dir, fd_from_stats, get_extractor,
+    precision_recall, ref_key, reference_stats, stats_of_generator,
+)
 from .model import sample_images
 from .runtime import distributed as rt_dist
 from .sampling import to_uint8
@@ -37,12 +37,9 @@ from .sampling import to_uint8
 __all__ = [
     "METRICS",
     "HELDOUT_SEED_OFFSET",
-    "PowerLawFit",
     "describe_hardware",
     "evaluate_in_training",
     "evaluate_model",
-    "fit_power_law",
-    "golden_section_search",
     "load_extractor",
     "reference_for_data",
     "search_mid_t",
@@ -76,13 +73,6 @@ def load_extractor(metric: str, *, device: torch.device | str = "cpu", weights: 
     if key not in _EXTRACTOR_CACHE:
         _EXTRACTOR_CACHE[key] = get_extractor(metric, device=device, weights=weights)  # type: ignore[arg-type]
     return _EXTRACTOR_CACHE[key]
-
-
-def _dist_info() -> tuple[int, int]:
-    """(rank, world size) of torch.distributed, (0, 1) when it is not initialised."""
-    if tdist.is_available() and tdist.is_initialized():
-        return tdist.get_rank(), tdist.get_world_size()
-    return 0, 1
 
 
 def describe_hardware(device: torch.device | str) -> str:
@@ -129,7 +119,7 @@ def reference_for_data(
         idx = torch.linspace(0, len(data) - 1, max_images).round().long()
         images, desc = images.index_select(0, idx), f"{desc} subset{max_images}"
     key = ref_key(desc, split, extractor.name, data.resolution, fingerprint=content_fingerprint(images))
-    rank, world = _dist_info()
+    rank, world = rt_dist.rank_and_world()
     if rank == 0:
         stats = reference_stats(images, extractor, cache_dir=cache_dir, key=key, batch=batch)
     rt_dist.barrier()
@@ -163,18 +153,18 @@ def _generator_stats(
     With ``keep_features`` > 0 also returns the features of the first ``keep_features`` seeds, gathered from all
     ranks in seed order (for precision/recall), identical to a one-process run.
     """
-    rank, world = _dist_info()
-    positions = rt_dist.rank_seeds(torch.arange(len(seeds)), rank, world)
-    stats = FeatureStats(extractor.dim, extractor=extractor.name)
+    rank, world = rt_dist.rank_and_world()
     kept: list[Tensor] = []
-    for i in range(0, len(positions), batch):
-        pos = positions[i : i + batch]
-        images = sample_images(model, cfg, seeds[pos], steps=steps, mid_t=mid_t, method=method, batch=batch,
-                               device=device)
-        feats = extractor(to_uint8(images))
-        stats.update(feats)
-        kept.append(feats[pos < keep_features].cpu())
-    stats.all_reduce_()
+
+    def generate(positions: Tensor) -> Tensor:  # positions in `seeds`, so the kept features can be told apart
+        return to_uint8(sample_images(model, cfg, seeds[positions], steps=steps, mid_t=mid_t, method=method,
+                                      batch=batch, device=device))
+
+    def keep(positions: Tensor, features: Tensor) -> None:
+        kept.append(features[positions < keep_features].cpu())
+
+    stats = stats_of_generator(generate, rt_dist.rank_seeds(torch.arange(len(seeds)), rank, world), extractor,
+                               batch=batch, on_features=keep if keep_features > 0 else None)
     if keep_features <= 0:
         return stats, None
     # Contiguous shares concatenated in rank order are the seeds in order.
@@ -290,44 +280,6 @@ def evaluate_model(
 
 
 # ---------------------------------------------------------------------------------------------- mid-t search
-def golden_section_search(
-    f: Callable[[float], float], lo: float, hi: float, *, iters: int = 8, log: bool = True
-) -> tuple[float, list[dict[str, float]]]:
-    """Minimise a unimodal f on [lo, hi] by golden-section search (on log x when `log`).
-
-    Uses iters + 2 evaluations of f: the bracket shrinks by 1/φ ≈ 0.618 per iteration, every iteration reusing
-    one interior point. Returns (the best x evaluated, history [{"x", "value"}] in evaluation order).
-    """
-    valid = 0 < lo < hi if log else lo < hi
-    if not valid:
-        raise ValueError(f"search range must satisfy {'0 < ' if log else ''}lo < hi, got lo={lo}, hi={hi}")
-    if iters < 0:
-        raise ValueError(f"iters must be >= 0, got {iters}")
-    fwd, inv = (math.log, math.exp) if log else ((lambda v: v), (lambda v: v))
-    a, b = fwd(lo), fwd(hi)
-    inv_phi = (math.sqrt(5.0) - 1.0) / 2.0
-    history: list[dict[str, float]] = []
-
-    def evaluate(u: float) -> float:
-        value = float(f(inv(u)))
-        history.append({"x": inv(u), "value": value})
-        return value
-
-    c, d = b - inv_phi * (b - a), a + inv_phi * (b - a)
-    fc, fd = evaluate(c), evaluate(d)
-    for _ in range(iters):
-        if fc <= fd:  # the minimum lies in [a, d]: d becomes the old c
-            b, d, fd = d, c, fc
-            c = b - inv_phi * (b - a)
-            fc = evaluate(c)
-        else:  # the minimum lies in [c, b]
-            a, c, fc = c, d, fd
-            d = a + inv_phi * (b - a)
-            fd = evaluate(d)
-    best = min(history, key=lambda h: h["value"] if math.isfinite(h["value"]) else math.inf)
-    return best["x"], history
-
-
 @torch.no_grad()
 def search_mid_t(
     model: torch.nn.Module,
@@ -395,46 +347,6 @@ def evaluate_in_training(
 
 
 # ---------------------------------------------------------------------------------------------- scaling law
-@dataclass(frozen=True)
-class PowerLawFit:
-    """FD ≈ K · C^α fitted by least squares on (log C, log FD) (Sec. 4.2); r, p: Pearson correlation of the logs."""
-
-    K: float
-    alpha: float
-    r: float
-    p_value: float
-    n_points: int
-
-    def predict(self, budget: float | np.ndarray) -> float | np.ndarray:
-        return self.K * np.asarray(budget, dtype=np.float64) ** self.alpha
-
-
-def fit_power_law(budgets: Sequence[float], fds: Sequence[float]) -> PowerLawFit:
-    """Fit FD = K · C^α over training budgets C (any unit; K is in that unit) by log-log least squares.
-
-    Pure function. Needs at least three points with positive C and FD (two always correlate perfectly; the paper
-    uses more). The p-value is scipy.stats.pearsonr's two-sided test of zero correlation.
-    """
-    from scipy.stats import pearsonr
-
-    c = np.asarray(budgets, dtype=np.float64)
-    y = np.asarray(fds, dtype=np.float64)
-    if c.shape != y.shape or c.ndim != 1:
-        raise ValueError(f"budgets and fds must be 1-D sequences of equal length, got {c.shape} and {y.shape}")
-    if len(c) < 3:
-        raise ValueError(f"a power-law fit needs at least 3 budgets, got {len(c)}")
-    if not (np.all(np.isfinite(c)) and np.all(np.isfinite(y)) and np.all(c > 0) and np.all(y > 0)):
-        raise ValueError("budgets and FDs must be finite and positive for a log-log fit")
-    if np.unique(c).size < 2:
-        raise ValueError("a power-law fit needs at least two different budgets")
-    lc, ly = np.log(c), np.log(y)
-    alpha, log_k = np.polyfit(lc, ly, 1)
-    if np.ptp(ly) == 0:  # constant FD: no correlation is defined
-        r, p = 0.0, 1.0
-    else:
-        res = pearsonr(lc, ly)
-        r, p = float(res.statistic), float(res.pvalue)
-    return PowerLawFit(K=float(np.exp(log_k)), alpha=float(alpha), r=r, p_value=p, n_points=int(len(c)))
 
 
 def open_reference_data(cfg: RunConfig) -> ImageDataset:

@@ -7,10 +7,10 @@ EDM-layout image folders/zips, and torchvision datasets (optional dependency). E
 Typical training-loop use::
 
     ds = open_dataset(cfg.data)
-    idx = rank_slice(global_indices(len(ds), seed=seed, start=nimg, count=batch), rank, world_size)
-    images_u8, labels = load_batch(ds, idx)
-    pos = rank_slice(torch.arange(nimg, nimg + batch), rank, world_size)
-    x = to_model_input(images_u8, device=dev, xflip=cfg.data.xflip, flip_mask=xflip_mask(pos, seed=seed))
+    idx = global_indices(len(ds), seed=seed, start=nimg, count=batch)  # the global batch; a rank takes its rows
+    images_u8, labels = load_batch(ds, idx[rows])
+    flips = xflip_mask(torch.arange(nimg, nimg + batch), seed=seed)
+    x = to_model_input(images_u8, device=dev, xflip=cfg.data.xflip, flip_mask=flips[rows])
 """
 
 from .convert import convert_images
@@ -19,7 +19,7 @@ from .device import to_model_input
 from .edm import load_edm_dataset
 from .errors import DataError
 from .idx import find_idx_files, load_fashion_mnist, load_idx_dataset, read_idx, write_idx
-from .sampler import global_indices, rank_slice, xflip_mask
+from .sampler import global_indices, xflip_mask
 from .source import open_dataset
 from .tv import TORCHVISION_DATASETS, load_torchvision_dataset
 
@@ -37,7 +37,6 @@ __all__ = [
     "load_torchvision_dataset",
     "open_dataset",
     "pad_images",
-    "rank_slice",
     "read_idx",
     "to_model_input",
     "write_idx",

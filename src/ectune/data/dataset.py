@@ -99,7 +99,7 @@ def pad_images(images: Tensor, resolution: int, *, where: str) -> Tensor:
 def load_batch(ds: ImageDataset, indices: Tensor) -> tuple[Tensor, Tensor | None]:
     """Gather one (per-rank) batch: uint8 images [B, C, H, W] and int64 labels [B] (or None).
 
-    `indices` come from `global_indices` / `rank_slice`. The result stays uint8 on the CPU; pass it to
+    `indices` come from `global_indices`. The result stays uint8 on the CPU; pass it to
     `to_model_input` to move it to the device, where the float conversion is cheap.
     """
     if indices.ndim != 1 or indices.dtype != torch.int64:

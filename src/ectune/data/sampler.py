@@ -5,7 +5,7 @@ permutations, epoch e's permutation drawn from a generator seeded by hash(seed, 
 depends only on (n_items, seed, p), so
 
   * resuming at nimg needs no sampler state: the next global batch is positions nimg .. nimg + B - 1;
-  * the global batch is the same for any number of ranks; `rank_slice` gives each rank a contiguous part;
+  * the global batch is the same for any number of ranks (each takes its rows of it);
   * sample #17 gets the same image (and, via `xflip_mask`, the same flip) whatever the batch size.
 """
 
@@ -61,20 +61,6 @@ def global_indices(n_items: int, *, seed: int, start: int, count: int) -> Tensor
         pieces.append(_epoch_permutation(n_items, seed, epoch)[offset : offset + take])
         pos += take
     return torch.cat(pieces) if pieces else torch.empty(0, dtype=torch.int64)
-
-
-def rank_slice(indices: Tensor, rank: int, world_size: int) -> Tensor:
-    """Rank `rank`'s contiguous, equal share of a global batch (the ranks together partition it)."""
-    _check_int(world_size, "world_size", 1)
-    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
-        raise DataError(f"rank={rank!r}, expected an integer in [0, {world_size})")
-    n = int(indices.shape[0])
-    if n % world_size:
-        raise DataError(
-            f"global batch of {n} is not divisible by world_size={world_size}; make train.batch a multiple of it"
-        )
-    per = n // world_size
-    return indices[rank * per : (rank + 1) * per]
 
 
 def xflip_mask(positions: Tensor, *, seed: int) -> Tensor:

@@ -22,8 +22,9 @@ from .extractors import (
     get_extractor,
 )
 from .fd import FeatureStats, frechet_distance
+from .paths import default_cache_dir
 from .prdc import PRDC, knn_radii, prdc, precision_recall
-from .refstats import default_cache_dir, ref_key, reference_stats, stats_of_images
+from .refstats import content_fingerprint, ref_key, reference_stats, stats_of_images
 
 __all__ = [
     "DINOv2Extractor",
@@ -33,6 +34,7 @@ __all__ = [
     "InceptionExtractor",
     "Lite0Extractor",
     "PRDC",
+    "content_fingerprint",
     "default_cache_dir",
     "fd_from_stats",
     "frechet_distance",

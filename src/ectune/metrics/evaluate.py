@@ -24,6 +24,7 @@ def stats_of_generator(
     *,
     batch: int,
     all_reduce: bool = True,
+    on_features: Callable[[Tensor, Tensor], None] | None = None,
 ) -> FeatureStats:
     """Feature statistics of the images a generator makes for the given seeds.
 
@@ -35,6 +36,8 @@ def stats_of_generator(
         batch: seeds per ``generate`` call.
         all_reduce: sum the statistics over ranks at the end (no-op when torch.distributed is not
             initialised), so every rank returns the statistics of all seeds.
+        on_features: called with (seeds [B], features [B, D]) of every batch, for callers that also need
+            features (e.g. precision/recall).
 
     Returns:
         FeatureStats over the N images (over all ranks' images when reduced).
@@ -51,7 +54,10 @@ def stats_of_generator(
         if not isinstance(images, Tensor) or images.dtype != torch.uint8 or images.ndim != 4 or images.shape[0] != s.shape[0]:
             got = f"{images.dtype} {tuple(images.shape)}" if isinstance(images, Tensor) else type(images).__name__
             raise ValueError(f"generate(seeds) must return uint8 images [{s.shape[0]}, C, H, W] for {s.shape[0]} seeds, got {got}.")
-        stats.update(extractor(images))
+        features = extractor(images)
+        stats.update(features)
+        if on_features is not None:
+            on_features(s, features)
     if all_reduce:
         stats.all_reduce_()
     return stats

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .paths import default_cache_dir
+
 __all__ = [
     "DINOV2_WEIGHTS_FILENAME",
     "DINOV2_WEIGHTS_URL",
@@ -214,8 +216,6 @@ def _find_inception_weights(weights: str | os.PathLike | None) -> tuple[Path | N
     if weights is not None:
         p = Path(weights).expanduser()
         return (p if p.is_file() else None), [p]
-    from .refstats import default_cache_dir  # imported here: refstats imports this module
-
     candidates = [
         _hub_dir() / "checkpoints" / INCEPTION_WEIGHTS_FILENAME,  # where torch-fidelity's own download lands
         default_cache_dir() / INCEPTION_WEIGHTS_FILENAME,

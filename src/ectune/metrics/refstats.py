@@ -19,16 +19,11 @@ from torch import Tensor
 
 from .extractors import FeatureExtractor
 from .fd import FeatureStats
+from .paths import default_cache_dir
 
 __all__ = ["content_fingerprint", "default_cache_dir", "ref_key", "reference_stats", "stats_of_images"]
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9.-]+")
-
-
-def default_cache_dir() -> Path:
-    """$ECTUNE_CACHE if set, else ~/.cache/ectune."""
-    env = os.environ.get("ECTUNE_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "ectune"
 
 
 def content_fingerprint(images_u8: Tensor) -> str:

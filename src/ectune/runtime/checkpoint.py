@@ -178,6 +178,3 @@ def load_state(path: Path | str, *, required: tuple[str, ...] = ()) -> dict[str,
     _refuse_nonfinite(state, path, "cannot resume: the training state")
     return state
 
-
-def config_json(cfg: RunConfig) -> str:
-    return json.dumps(to_dict(cfg), indent=2)

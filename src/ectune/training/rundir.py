@@ -20,7 +20,7 @@ from ..config import RunConfig, diff, from_dict, to_dict
 from ..runtime.checkpoint import atomic_write_text, read_model_meta
 
 # Fields that may change between invocations of one run without changing what is trained.
-RUNTIME_FIELDS = ("status_kimg", "save_kimg", "sample_kimg", "eval_kimg", "eval_metric", "eval_n", "num_workers",
+RUNTIME_FIELDS = ("status_kimg", "save_kimg", "sample_kimg", "eval_kimg", "eval_metric", "eval_n",
                   "device", "compile", "tf32", "recompute_norms", "max_bad_steps")
 
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from ectune.sampling import consistency_sample, generate, heun_sample, per_sample_normal, to_uint8
+from ectune.schedules import consistency_sigmas, heun_sigmas
 
 S = 0.5  # data ~ N(0, S² I)
 
@@ -25,14 +26,15 @@ def exact_ode_solution(z, t_max):
 
 def test_one_step_with_ideal_consistency_function_is_exact():
     z = torch.randn(64, 1, 4, 4, dtype=torch.float64)
-    x = consistency_sample(ideal_consistency, z, ts=(80.0,))
+    x = consistency_sample(ideal_consistency, z * 80.0, [80.0])
     assert torch.allclose(x.double(), exact_ode_solution(z, 80.0), rtol=1e-6, atol=1e-7)
 
 
 def test_two_step_ideal_sampler_has_the_data_distribution():
     g = torch.Generator().manual_seed(0)
     z = torch.randn(20_000, 1, 2, 2, generator=g)
-    x = consistency_sample(ideal_consistency, z, ts=(80.0, 0.821), renoise=lambda i: torch.randn(z.shape, generator=g))
+    x = consistency_sample(ideal_consistency, z * 80.0, consistency_sigmas(2, t_max=80.0, mid_t=(0.821,)),
+                           noise=lambda i: torch.randn(z.shape, generator=g))
     # f(x1 + τz) with x1 ~ N(0, S²·T²/(S²+T²)): variance S²·(S²T²/(S²+T²) + τ²)/(S² + τ²)
     var = S**2 * (S**2 * 80**2 / (S**2 + 80**2) + 0.821**2) / (S**2 + 0.821**2)
     assert x.var().item() == pytest.approx(var, rel=0.03)
@@ -43,7 +45,7 @@ def test_heun_converges_at_second_order():
     exact = exact_ode_solution(z, 80.0)
     errors = []
     for n in (8, 16, 32, 64):
-        x = heun_sample(ideal_denoiser, z, num_steps=n, sigma_min=1e-4, sigma_max=80.0)
+        x = heun_sample(ideal_denoiser, z * 80.0, heun_sigmas(n, sigma_min=1e-4, sigma_max=80.0))
         errors.append((x.double() - exact).abs().max().item())
     ratios = [a / b for a, b in zip(errors, errors[1:])]
     assert all(r > 3.0 for r in ratios), (errors, ratios)
@@ -57,21 +59,23 @@ def test_heun_nfe():
         calls.append(1)
         return ideal_denoiser(x, sigma)
 
-    heun_sample(counting, torch.randn(2, 1, 2, 2), num_steps=18)
+    heun_sample(counting, torch.randn(2, 1, 2, 2) * 80.0, heun_sigmas(18))
     assert len(calls) == 35
 
 
 def test_per_sample_seeds_are_batch_invariant():
     seeds = torch.arange(10)
-    full = generate(ideal_consistency, seeds, (1, 4, 4), ts=(80.0, 0.821))
-    part = generate(ideal_consistency, seeds[3:6], (1, 4, 4), ts=(80.0, 0.821))
+    full = generate(ideal_consistency, seeds, (1, 4, 4), (80.0, 0.821))
+    part = generate(ideal_consistency, seeds[3:6], (1, 4, 4), (80.0, 0.821))
     assert torch.equal(full[3:6], part)
     assert not torch.equal(per_sample_normal(seeds[:1], (4,), stream=0), per_sample_normal(seeds[:1], (4,), stream=1))
 
 
 def test_sampler_rejects_bad_times_and_to_uint8():
     with pytest.raises(ValueError, match="decreasing"):
-        consistency_sample(ideal_consistency, torch.randn(1, 1, 2, 2), ts=(0.821, 80.0))
+        consistency_sample(ideal_consistency, torch.randn(1, 1, 2, 2), (0.821, 80.0))
+    with pytest.raises(ValueError, match="end at 0"):
+        heun_sample(ideal_denoiser, torch.randn(1, 1, 2, 2), (80.0, 0.5))
     assert to_uint8(torch.tensor([-1.0, 0.0, 1.0, 2.0])).tolist() == [0, 128, 255, 255]
 
 

@@ -8,7 +8,8 @@ import torch
 from ectune.config import ObjectiveConfig
 from ectune.losses import draw_t_r
 from ectune.schedules import (
-    ect_r, ect_stage, ict_interval_probs, ict_num_steps, ict_t_r, karras_sigmas, learning_rate, lognormal_t,
+    consistency_sigmas, ect_r, ect_stage, heun_sigmas, ict_interval_probs, ict_num_steps, ict_t_r, karras_sigmas,
+    learning_rate, lognormal_t,
 )
 
 
@@ -59,6 +60,15 @@ def test_karras_sigmas_n11():
     expected = [80.0, 45.31373, 24.40834, 12.38158, 5.83895, 2.51522, 0.96542, 0.31828, 0.08509, 0.01672, 0.002]
     s = karras_sigmas(11, sigma_min=0.002, sigma_max=80.0, rho=7.0)
     assert s.tolist() == pytest.approx(expected, abs=1e-5)
+
+
+def test_sampling_grids():
+    expected = [80.0, 45.31373, 24.40834, 12.38158, 5.83895, 2.51522, 0.96542, 0.31828, 0.08509, 0.01672, 0.002, 0.0]
+    assert heun_sigmas(11).tolist() == pytest.approx(expected, abs=1e-5)  # REFERENCE §4's grid, then 0
+    assert consistency_sigmas(1).tolist() == [80.0]
+    assert consistency_sigmas(2, mid_t=(0.821, 0.1)).tolist() == [80.0, 0.821]
+    with pytest.raises(ValueError, match="3 steps need 2 intermediate"):
+        consistency_sigmas(3, mid_t=(0.821,))
 
 
 @pytest.mark.parametrize("m, n", [(0, 11), (100_000, 21), (200_000, 81), (399_999, 1281)])

@@ -13,6 +13,7 @@ from .nets import build_net
 from .precond import Precond, replace_precond
 from .runtime.checkpoint import CheckpointError, load_model_weights, read_model_meta
 from .sampling import generate
+from .schedules import consistency_sigmas, heun_sigmas
 
 
 def build_model(cfg: RunConfig, *, compute_dtype: torch.dtype = torch.float32) -> Precond:
@@ -36,16 +37,6 @@ def load_model(path: Path | str, *, device: torch.device | str = "cpu") -> tuple
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: weights do not match the network its config describes: {exc}") from exc
     return model.to(device).eval(), cfg, extra
-
-
-def sample_times(cfg: RunConfig, steps: int, mid_t: Sequence[float] | None = None) -> tuple[float, ...]:
-    """Sampling times (t_max, intermediate times...) for `steps` consistency steps."""
-    mids = tuple(cfg.sample.mid_t if mid_t is None else mid_t)
-    if steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {steps}")
-    if len(mids) < steps - 1:
-        raise ValueError(f"{steps} steps need {steps - 1} intermediate time(s) (--mid-t), got {len(mids)}: {list(mids)}")
-    return (cfg.sample.t_max,) + mids[: steps - 1]
 
 
 def sampling_boundary(cfg: RunConfig) -> float:
@@ -80,16 +71,17 @@ def sample_images(
     if cfg.net.label_dim and class_labels is None:
         # Class of sample i follows from its seed, so it is batch-independent too.
         class_labels = seeds % cfg.net.label_dim
-    ts = sample_times(cfg, steps, mid_t) if method == "consistency" else (cfg.sample.t_max,)
+    if method == "consistency":
+        sigmas = consistency_sigmas(steps, t_max=cfg.sample.t_max, mid_t=cfg.sample.mid_t if mid_t is None else mid_t)
+    else:
+        sigmas = heun_sigmas(cfg.sample.heun_steps, sigma_min=cfg.sample.sigma_min, sigma_max=cfg.sample.t_max,
+                             rho=cfg.sample.rho)
     if method == "consistency" and sampling_boundary(cfg) != model.sigma_min_shift:
         model = replace_precond(model, sigma_min_shift=sampling_boundary(cfg))
     out = []
     for i in range(0, len(seeds), batch):
         labels = None if class_labels is None else class_labels[i : i + batch].to(device)
         out.append(
-            generate(
-                model, seeds[i : i + batch], shape, method=method, ts=ts, heun_steps=cfg.sample.heun_steps,
-                sigma_min=cfg.sample.sigma_min, class_labels=labels, device=device,
-            ).cpu()
+            generate(model, seeds[i : i + batch], shape, sigmas, method=method, class_labels=labels, device=device).cpu()
         )
     return torch.cat(out)

@@ -1,6 +1,10 @@
-"""Samplers (REFERENCE §5). All share one shape: sampler(model, latents, *, class_labels=None, **options),
-where `latents` is unit-variance noise [N,C,H,W] and `model(x, sigma, class_labels)` is a denoiser /
-consistency function. Randomness comes from per-sample seeds, so sample i is the same whatever the batch.
+"""Samplers (REFERENCE §5). All share one signature, in the k-diffusion manner:
+
+    sampler(model, x, sigmas, *, class_labels=None, ...) -> x_0
+
+where `x` = σ_0·z is noise at the first time, `sigmas` the decreasing time grid (built in `ectune.schedules`) and
+`model(x, sigma, class_labels)` a denoiser or consistency function. Randomness comes from per-sample seeds, so
+sample i is the same whatever the batch.
 """
 
 from __future__ import annotations
@@ -10,7 +14,6 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .schedules import karras_sigmas
 
 Model = Callable[..., Tensor]
 
@@ -33,22 +36,23 @@ def per_sample_normal(
 @torch.no_grad()
 def consistency_sample(
     model: Model,
-    latents: Tensor,
+    x: Tensor,
+    sigmas: Tensor | Sequence[float],
     *,
-    ts: Sequence[float] = (80.0,),
     class_labels: Tensor | None = None,
-    renoise: Callable[[int], Tensor] | None = None,
+    noise: Callable[[int], Tensor] | None = None,
 ) -> Tensor:
-    """Multistep consistency sampling: x = f(t_0·z, t_0); then for each later τ = ts[i]:
-    x = f(x + τ·z_i, τ) (stochastic re-noising as iCT). `ts` is decreasing, e.g. (80.0,) for 1 step or
-    (80.0, 0.821) for 2 steps; renoise(i) gives z_i (defaults to torch.randn_like)."""
+    """Multistep consistency sampling from x = σ_0·z: x ← f(x, σ_0); then for each later σ_i,
+    x ← f(x + σ_i·z_i, σ_i) (stochastic re-noising as in iCT). `sigmas` decrease, e.g. (80,) for 1 step or
+    (80, 0.821) for 2 (`schedules.consistency_sigmas`); noise(i) gives z_i (default: torch.randn_like)."""
+    ts = [float(s) for s in sigmas]
     if not ts:
-        raise ValueError("consistency_sample needs at least one time in ts")
+        raise ValueError("consistency_sample needs at least one time in sigmas")
     if any(a <= b for a, b in zip(ts, ts[1:])) or ts[-1] <= 0:
-        raise ValueError(f"sampling times must be positive and strictly decreasing, got {list(ts)}")
-    x = model(latents.float() * ts[0], torch.full((latents.shape[0],), ts[0], device=latents.device), class_labels)
+        raise ValueError(f"sampling times must be positive and strictly decreasing, got {ts}")
+    x = model(x.float(), torch.full((x.shape[0],), ts[0], device=x.device), class_labels)
     for i, tau in enumerate(ts[1:], start=1):
-        z = renoise(i) if renoise is not None else torch.randn_like(x)
+        z = noise(i) if noise is not None else torch.randn_like(x)
         x = model(x + tau * z.to(x), torch.full((x.shape[0],), tau, device=x.device), class_labels)
     return x
 
@@ -56,21 +60,18 @@ def consistency_sample(
 @torch.no_grad()
 def heun_sample(
     model: Model,
-    latents: Tensor,
+    x: Tensor,
+    sigmas: Tensor | Sequence[float],
     *,
-    num_steps: int = 18,
-    sigma_min: float = 0.002,
-    sigma_max: float = 80.0,
-    rho: float = 7.0,
     class_labels: Tensor | None = None,
 ) -> Tensor:
-    """EDM's deterministic 2nd-order Heun sampler for the PF-ODE dx/dt = (x − D(x, t))/t.
-
-    `num_steps` Karras times from σ_max to σ_min then 0; the last step is Euler: 2·num_steps − 1 NFE."""
-    ts = torch.cat([karras_sigmas(num_steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho), torch.zeros(1, dtype=torch.float64)])
-    ts = ts.tolist()
-    n = latents.shape[0]
-    x = latents.double() * ts[0]
+    """EDM's deterministic 2nd-order Heun sampler for the PF-ODE dx/dt = (x − D(x, t))/t, from x = σ_0·z along
+    decreasing `sigmas` that end at 0 (`schedules.heun_sigmas`); the last step is Euler: 2·(len − 1) − 1 NFE."""
+    ts = [float(s) for s in sigmas]
+    if len(ts) < 2 or ts[-1] != 0 or any(a <= b for a, b in zip(ts, ts[1:])):
+        raise ValueError(f"Heun sampling times must be strictly decreasing and end at 0, got {ts}")
+    n = x.shape[0]
+    x = x.double()
 
     def slope(x: Tensor, t: float) -> Tensor:
         d = model(x.float(), torch.full((n,), t, device=x.device), class_labels).double()
@@ -85,28 +86,25 @@ def heun_sample(
     return x.float()
 
 
+SAMPLERS: dict[str, Callable[..., Tensor]] = {"consistency": consistency_sample, "heun": heun_sample}
+
+
 def generate(
     model: Model,
     seeds: Tensor,
     img_shape: Sequence[int],
+    sigmas: Tensor | Sequence[float],
     *,
     method: str = "consistency",
-    ts: Sequence[float] = (80.0,),
-    heun_steps: int = 18,
-    sigma_min: float = 0.002,
     class_labels: Tensor | None = None,
     device: torch.device | str = "cpu",
 ) -> Tensor:
-    """Images in [-1, 1] [N, *img_shape] for per-sample seeds [N] with either sampler."""
-    latents = per_sample_normal(seeds, img_shape, stream=0, device=device)
-    if method == "consistency":
-        return consistency_sample(
-            model, latents, ts=ts, class_labels=class_labels,
-            renoise=lambda i: per_sample_normal(seeds, img_shape, stream=i, device=device),
-        )
-    if method == "heun":
-        return heun_sample(model, latents, num_steps=heun_steps, sigma_min=sigma_min, sigma_max=ts[0], class_labels=class_labels)
-    raise ValueError(f"unknown sampling method {method!r}; expected 'consistency' or 'heun'")
+    """Images in [-1, 1] [N, *img_shape] for per-sample seeds [N], with the sampler `method` along `sigmas`."""
+    if method not in SAMPLERS:
+        raise ValueError(f"unknown sampling method {method!r}; expected one of {', '.join(SAMPLERS)}")
+    x = per_sample_normal(seeds, img_shape, stream=0, device=device) * float(sigmas[0])
+    options = {"noise": lambda i: per_sample_normal(seeds, img_shape, stream=i, device=device)} if method == "consistency" else {}
+    return SAMPLERS[method](model, x, sigmas, class_labels=class_labels, **options)
 
 
 def to_uint8(x: Tensor) -> Tensor:

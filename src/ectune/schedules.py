@@ -7,7 +7,7 @@ a run can never desynchronise a schedule. Equation numbers refer to "Consistency
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, Sequence
 
 import torch
 from torch import Tensor
@@ -71,6 +71,21 @@ def karras_sigmas(
     inv = 1.0 / rho
     s = (sigma_max**inv + i / (n - 1) * (sigma_min**inv - sigma_max**inv)) ** rho
     return s.to(dtype)
+
+
+def heun_sigmas(num_steps: int, *, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> Tensor:
+    """EDM's Heun grid (App. C): `num_steps` Karras times from σ_max to σ_min, then 0 (float64)."""
+    return torch.cat([karras_sigmas(num_steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho),
+                      torch.zeros(1, dtype=torch.float64)])
+
+
+def consistency_sigmas(steps: int, *, t_max: float = 80.0, mid_t: Sequence[float] = (0.821,)) -> Tensor:
+    """Times of `steps`-step consistency sampling (REFERENCE §5): t_max, then the first steps − 1 of `mid_t`."""
+    if steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {steps}")
+    if len(mid_t) < steps - 1:
+        raise ValueError(f"{steps} steps need {steps - 1} intermediate time(s) (--mid-t), got {len(mid_t)}: {list(mid_t)}")
+    return torch.tensor([t_max, *mid_t[: steps - 1]], dtype=torch.float64)
 
 
 def ict_num_steps(step: int, total_steps: int, *, s0: int = 10, s1: int = 1280) -> int:

@@ -19,7 +19,7 @@ from ectune.nets import SMALL_CONFIGS, DDPMppUNet, EDM2UNet
 from ectune.nets.edm2 import MPLinear
 from ectune.runtime.checkpoint import load_state
 from ectune.training.loop import train
-from test_training import TINY, needs_fmnist, tiny
+from conftest import TINY, needs_fmnist, tiny
 
 
 

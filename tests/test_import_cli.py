@@ -19,8 +19,7 @@ from ectune.config import NetConfig
 from ectune.importers.cli import default_preset
 from ectune.model import load_model
 from ectune.nets import PAPER_CONFIGS, SMALL_CONFIGS
-from test_import_edm import FAKE_MODULE_NAMES, _SystemCall, booby_trap, fake_edm, randomised, write_pickle  # noqa: F401
-from test_training import needs_fmnist
+from conftest import FAKE_MODULE_NAMES, SystemCall, booby_trap, needs_fmnist, randomised, write_pickle
 
 
 
@@ -130,7 +129,7 @@ def test_default_preset_follows_the_network() -> None:
 
 def test_malicious_pickle_is_refused_and_never_executed(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     marker, path, out = tmp_path / "PWNED", tmp_path / "evil.pkl", tmp_path / "evil.safetensors"
-    path.write_bytes(pickle.dumps({"ema": _SystemCall(f"touch {marker}")}, protocol=4))
+    path.write_bytes(pickle.dumps({"ema": SystemCall(f"touch {marker}")}, protocol=4))
     assert main(["import-edm", str(path), "--out", str(out)]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(path) in err and "refusing to load global" in err and "system" in err

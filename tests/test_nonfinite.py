@@ -15,7 +15,7 @@ from ectune.runtime import checkpoint
 from ectune.runtime.checkpoint import CheckpointError
 from ectune.runtime.perf import DeviceStepGuard, step_unless_nonfinite
 from ectune.training import loop
-from test_training import needs_fmnist, tiny
+from conftest import needs_fmnist, tiny
 
 OVERFLOW_LR = 3e38  # a finite fp32 learning rate whose update lr·(momentum buffer ≈ 10) overflows to inf
 

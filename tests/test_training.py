@@ -13,28 +13,11 @@ import pytest
 import torch
 
 from ectune.cli import main
-from ectune.data.idx import fashion_mnist_dirs
-from ectune.nets import SMALL_CONFIGS
-from ectune.presets import get_preset
 from ectune.runtime import checkpoint
 from ectune.runtime.checkpoint import CheckpointError, load_state
 from ectune.training.loop import train
 
-HAVE_FMNIST = any((d / "t10k-images-idx3-ubyte.gz").exists() for d in fashion_mnist_dirs())
-needs_fmnist = pytest.mark.skipif(not HAVE_FMNIST, reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
-
-TINY = ["--net.model-channels", "16", "--net.channel-mult", "1", "2", "--net.num-blocks", "1",
-        "--net.attn-resolutions", "8", "--data.split", "test"]
-
-
-def tiny(mode="pretrain", objective="ect", **train_kw):
-    cfg = get_preset("fashion-mnist", mode, objective=objective)
-    net = replace(SMALL_CONFIGS["tiny"], model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(8,),
-                  dropout=cfg.net.dropout)
-    t = dict(total_kimg=0.128, batch=16, status_kimg=0.032, save_kimg=0.064, sample_kimg=0.0)
-    t.update(train_kw)
-    return replace(cfg, net=net, data=replace(cfg.data, split="test"), train=replace(cfg.train, **t))
-
+from conftest import TINY, needs_fmnist, tiny
 
 @needs_fmnist
 def test_resume_is_bit_exact(tmp_path):

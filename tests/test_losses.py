@@ -2,9 +2,11 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import TinyNet
 from ectune.losses import consistency_loss
 from ectune.precond import Precond, edm_scalings
+from ectune.weighting import adaptive_loss, timestep_weight
+
+from conftest import TinyNet
 
 
 class DiracOracle(nn.Module):
@@ -49,7 +51,7 @@ def test_target_pass_has_no_grad_and_matches_manual_stop_gradient(tiny_net):
     r = 0.7 * t
     key = torch.arange(6)
     loss = consistency_loss(f, x0, t, r, eps, dropout_key=key, weighting="inv_dt", p=0.5, c=0.1)
-    assert tiny_net.calls == [(6, False), (6, True)]  # one no-grad target pass, then the student pass
+    assert tiny_net.calls == [(6, True), (6, False)]  # the student pass, then one no-grad target pass
     loss.mean().backward()
     g1 = [p.grad.clone() for p in tiny_net.parameters()]
     tiny_net.zero_grad()
@@ -72,7 +74,7 @@ def test_both_passes_share_the_dropout_mask_even_on_a_subset():
     r = t.clone()
     r[[1, 4, 6]] = 0.0
     loss = consistency_loss(f, x0, t, r, eps, p=0.0, weighting="one", dropout_key=torch.arange(8) * 7 + 3)
-    assert net.calls[0] == (5, False)  # target pass ran on the 5 rows with r > 0 only
+    assert net.calls[1] == (5, False)  # after the student pass, the target pass ran on the 5 rows with r > 0 only
     keep = r > 0
     assert loss[keep].abs().max().item() < 1e-10
     assert (loss[~keep] > 0).all()
@@ -107,7 +109,7 @@ def test_row_multiple_pads_with_discarded_rows(tiny_net):
     key = torch.arange(8)
     plain = consistency_loss(f, x0, t, r, eps, dropout_key=key)
     padded = consistency_loss(f, x0, t, r, eps, dropout_key=key, row_multiple=4)
-    assert tiny_net.calls[0] == (3, False) and tiny_net.calls[2] == (4, False)
+    assert tiny_net.calls[1] == (3, False) and tiny_net.calls[3] == (4, False)  # each after its student pass
     assert torch.allclose(plain, padded, rtol=1e-6)
 
 
@@ -274,3 +276,36 @@ def test_objectives_default_to_the_reference_scale_and_old_configs_keep_theirs()
     assert from_dict(RunConfig, stored).objective.loss_form == "pseudo_huber"
     del stored["objective"]["loss_form"]
     assert from_dict(RunConfig, stored).objective.loss_form == "weighted_l2"
+
+
+@pytest.mark.parametrize("r_zero_rows", [0, 3])
+def test_target_pass_replays_the_student_masks_bit_for_bit(monkeypatch, r_zero_rows):
+    """The target pass takes rows of the student pass's dropout masks instead of hashing: the loss equals, bit for
+    bit, one whose target pass hashes its own masks (a separate call, no tape), and no layer hashes twice."""
+    import dataclasses
+
+    from ectune.nets import SMALL_CONFIGS, build_net
+    from ectune.nets import dropout as dropout_module
+
+    torch.manual_seed(0)
+    net = build_net(dataclasses.replace(SMALL_CONFIGS["tiny"], dropout=0.3, dropout_res=1 << 30)).train()
+    f = Precond(net)
+    n = 6
+    x0, eps = torch.randn(n, 1, 32, 32), torch.randn(n, 1, 32, 32)
+    t = torch.linspace(0.2, 3.0, n)
+    r = 0.9 * t
+    r[:r_zero_rows] = 0
+    key = torch.arange(100, 100 + n)
+    hashes = []
+    real = dropout_module.keyed_int16
+    monkeypatch.setattr(dropout_module, "keyed_int16", lambda *a, **k: hashes.append(1) or real(*a, **k))
+    loss = consistency_loss(f, x0, t, r, eps, dropout_key=key, weighting="inv_dt", p=0.5, c=0.0)
+    layers = sum(1 for m in net.modules() if isinstance(m, dropout_module.KeyedDropout))
+    assert len(hashes) == layers  # the student pass only
+    rows = slice(r_zero_rows, n)
+    with torch.no_grad():
+        target = f(x0[rows] + r[rows].reshape(-1, 1, 1, 1) * eps[rows], r[rows], dropout_key=key[rows])
+    target = torch.cat([x0[:r_zero_rows], target])
+    student = f(x0 + t.reshape(-1, 1, 1, 1) * eps, t, dropout_key=key)
+    manual = timestep_weight("inv_dt", t, r) * adaptive_loss(student - target, p=0.5, c=0.0)  # the same operations
+    assert torch.equal(loss.detach(), manual.detach())

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from .config import ObjectiveConfig
+from .nets.dropout import MaskTape, masks_recorded, masks_replayed
 from .schedules import ect_r, ect_stage, ict_num_steps, ict_t_r, lognormal_t
 from .weighting import LossForm, adaptive_loss, timestep_weight
 
@@ -65,24 +66,30 @@ def consistency_loss(
     t_dev, r_dev = t.to(device, torch.float32), r.to(device, torch.float32)
     bcast = (-1,) + (1,) * (x0.ndim - 1)
 
+    # The student pass runs first so that the target pass can replay its dropout masks (rows of them) rather
+    # than hash them again; both ways give the same masks (ectune.nets.dropout).
+    tape = MaskTape()
+    with masks_recorded(tape):
+        student = f(x0 + t_dev.reshape(bcast) * eps, t_dev, class_labels, dropout_key=dropout_key)
     target = x0
     if rows is not None:
         with torch.no_grad():
             if rows.numel() == n:
-                target = target_f(x0 + r_dev.reshape(bcast) * eps, r_dev, class_labels, dropout_key=dropout_key)
+                with masks_replayed(tape, slice(None)):
+                    target = target_f(x0 + r_dev.reshape(bcast) * eps, r_dev, class_labels, dropout_key=dropout_key)
             else:
                 rows = rows.to(device)
-                sub = target_f(
-                    x0[rows] + r_dev[rows].reshape(bcast) * eps[rows],
-                    r_dev[rows],
-                    None if class_labels is None else class_labels[rows],
-                    dropout_key=dropout_key[rows],
-                )
+                with masks_replayed(tape, rows):
+                    sub = target_f(
+                        x0[rows] + r_dev[rows].reshape(bcast) * eps[rows],
+                        r_dev[rows],
+                        None if class_labels is None else class_labels[rows],
+                        dropout_key=dropout_key[rows],
+                    )
                 target = x0.index_copy(0, rows, sub)
             # Padding rows (r = 0) and any r = 0 row inside a full pass take the exact boundary value x_0.
             target = torch.where(r_dev.reshape(bcast) > 0, target, x0).detach()
 
-    student = f(x0 + t_dev.reshape(bcast) * eps, t_dev, class_labels, dropout_key=dropout_key)
     delta = student - target
     w_bar = timestep_weight(weighting, t_dev, r_dev, sigma_data=sigma_data)
     return w_bar * adaptive_loss(delta, p=p, c=c, metric=metric, form=loss_form)

@@ -5,13 +5,21 @@ r = 0 skip the target pass entirely. Replaying the global RNG cannot give both (
 random stream differently), so each sample carries an integer key and every dropout layer hashes
 (key, salt, position) into its mask. Row i's mask is then identical in any sub-batch, any batch size and
 on any number of GPUs, and the computation is plain tensor maths that torch.compile fuses.
+
+In eager mode the hashing itself is avoidable work: the student pass already made every mask (and autograd keeps
+it for the backward pass). Inside `masks_recorded(tape)` each layer puts its mask on the tape, and inside
+`masks_replayed(tape, rows)` each layer takes rows `rows` of it instead of hashing: the same masks, bit for bit.
+Compiled code ignores the tape and hashes, which inductor fuses into the masking kernel.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import struct
 import sys
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -131,12 +139,51 @@ class KeyedDropout(nn.Module):
             return x
         if key is None:
             return nn.functional.dropout(x, self._p, training=True)
-        keep = keyed_int16(key, self.salt, x.shape, x.device) >= self._threshold
+        tape = None if torch.compiler.is_compiling() else _TAPE.get()
+        if tape is not None and tape.rows is not None:
+            keep = tape.masks[self.salt][tape.rows]
+        else:
+            keep = keyed_int16(key, self.salt, x.shape, x.device) >= self._threshold
+            if tape is not None:
+                tape.masks[self.salt] = keep
         # A bool mask: one kernel fewer than casting it, and autograd saves 1 byte per element instead of 2-4.
         return x * keep * self._scale
 
     def extra_repr(self) -> str:
         return f"p={self._p}, salt={self.salt}"
+
+
+class MaskTape:
+    """The keyed-dropout masks of one pass (bool, by layer salt), for replaying rows of them in another pass."""
+
+    def __init__(self) -> None:
+        self.masks: dict[int, Tensor] = {}
+        self.rows: Tensor | slice | None = None  # set while replaying
+
+
+_TAPE: contextvars.ContextVar[MaskTape | None] = contextvars.ContextVar("ectune_mask_tape", default=None)
+
+
+@contextlib.contextmanager
+def _using(tape: MaskTape) -> Iterator[MaskTape]:
+    token = _TAPE.set(tape)
+    try:
+        yield tape
+    finally:
+        _TAPE.reset(token)
+
+
+def masks_recorded(tape: MaskTape) -> contextlib.AbstractContextManager[MaskTape]:
+    """Every keyed dropout layer run inside puts its mask on `tape`."""
+    tape.rows = None
+    return _using(tape)
+
+
+def masks_replayed(tape: MaskTape, rows: Tensor | slice) -> contextlib.AbstractContextManager[MaskTape]:
+    """Every keyed dropout layer run inside takes rows `rows` of its recorded mask, whatever its keys: the pass must
+    be over exactly those rows of the recorded pass, with the same keys."""
+    tape.rows = rows
+    return _using(tape)
 
 
 def assign_dropout_salts(module: nn.Module) -> None:

@@ -37,7 +37,8 @@ from ectune.model import load_model
 from ectune.nets import SMALL_CONFIGS
 from ectune.presets import get_preset
 from ectune.runtime.checkpoint import atomic_write_text, read_model_meta
-from ectune.training.loop import resolve_device, train
+from ectune.runtime.device import resolve_device
+from ectune.training.loop import train
 
 # A 3-level DDPM++ without attention: the smallest net that still learns Fashion-MNIST shapes on a CPU in a minute.
 MICRO_NET = replace(SMALL_CONFIGS["tiny"], model_channels=16, channel_mult=(1, 2, 2), num_blocks=1, attn_resolutions=())

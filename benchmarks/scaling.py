@@ -30,7 +30,7 @@ from ectune.analysis import PowerLawFit, fit_power_law  # noqa: E402
 from ectune.data import open_dataset  # noqa: E402
 from ectune.evaluation import describe_hardware, load_extractor, reference_for_data  # noqa: E402
 from ectune.runtime.checkpoint import atomic_write_text, read_model_meta  # noqa: E402
-from ectune.training.loop import resolve_device  # noqa: E402
+from ectune.runtime.device import resolve_device  # noqa: E402
 
 
 @dataclass(frozen=True)

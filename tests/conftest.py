@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from ectune.config import NetConfig
+from ectune.config import NetConfig, RunConfig
 from ectune.data.idx import fashion_mnist_dirs
 from ectune.nets import SMALL_CONFIGS, build_net
 from ectune.nets.dropout import KeyedDropout, assign_dropout_salts
@@ -54,6 +54,17 @@ def _one_thread():
 def tiny_net():
     torch.manual_seed(0)
     return TinyNet()
+
+
+@pytest.fixture
+def model_file(tmp_path: Path) -> Path:
+    """A tiny untrained consistency model file (any command accepts it)."""
+    from ectune.runtime.checkpoint import save_model
+
+    cfg = replace(RunConfig(), net=SMALL_CONFIGS["tiny"])
+    path = tmp_path / "m.safetensors"
+    save_model(path, build_net(cfg.net).state_dict(), cfg, extra={"objective": "ect"})
+    return path
 
 
 # ---------------------------------------------------------------------------------------------- tiny training runs

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from ectune.cli import main
+from ectune.cli.import_edm import default_preset
 from ectune.config import NetConfig
-from ectune.importers.cli import default_preset
 from ectune.model import load_model
 from ectune.nets import PAPER_CONFIGS, SMALL_CONFIGS
 from conftest import FAKE_MODULE_NAMES, SystemCall, booby_trap, needs_fmnist, randomised, write_pickle

@@ -81,17 +81,6 @@ def test_every_preset_is_valid():
 # ---------------------------------------------------------------------------------------------- every command
 
 
-@pytest.fixture
-def model_file(tmp_path):
-    from ectune.nets import SMALL_CONFIGS, build_net
-    from ectune.runtime.checkpoint import save_model
-
-    cfg = dataclasses.replace(RunConfig(), net=SMALL_CONFIGS["tiny"])
-    path = tmp_path / "m.safetensors"
-    save_model(path, build_net(cfg.net).state_dict(), cfg, extra={"objective": "ect"})
-    return path
-
-
 def bad_invocations(tmp: str, model: str) -> list[tuple[list[str], str]]:
     garbage = f"{tmp}/garbage.bin"
     return [

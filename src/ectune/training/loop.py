@@ -27,6 +27,7 @@ from ..nets import count_params
 from ..precond import Precond, replace_precond
 from ..runtime import distributed as rt_dist
 from ..runtime.checkpoint import CheckpointError, load_state, save_model, save_state
+from ..runtime.device import resolve_device
 from ..runtime.perf import step_unless_nonfinite
 from ..sampling import to_uint8
 from ..schedules import ect_stage, learning_rate
@@ -48,22 +49,6 @@ class TrainResult:
     final_loss: float
     skipped_steps: int
     seconds: float
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """'auto' (the local CUDA device if there is one, else the CPU) or an explicit device that exists here."""
-    if name == "auto":
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: this machine has no usable CUDA device (torch {torch.__version__}); "
-                         "use --device cpu or auto")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
-    return device
 
 
 def compute_dtype(precision: str, device: torch.device) -> torch.dtype:

@@ -9,18 +9,41 @@ tensors; the model file holds that network config plus the rest of a preset's Ru
 
 from __future__ import annotations
 
-import argparse
 import pickle
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Annotated, Literal, Sequence
+
+import tyro
 
 from ..config import NetConfig, RunConfig
+from ..presets import get_preset, preset_names
+from .common import optional, parse
 
 # EDM2's ImageNet-64 sizes (REFERENCE §7) by model_channels.
 _EDM2_PRESETS = {192: "imagenet64-s", 256: "imagenet64-m", 320: "imagenet64-l", 384: "imagenet64-xl"}
 LICENCE_NOTE = ("note: NVIDIA's public EDM/EDM2 checkpoints are licensed CC BY-NC-SA 4.0 (non-commercial, share-alike); "
                 "models tuned from them inherit those terms")
+# The preset names as choices, so that tyro lists them and refuses others; built from the registry at import time.
+PresetName = Literal[tuple(preset_names())]  # type: ignore[valid-type]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImportEdmArgs:
+    """convert an EDM/EDM2 network pickle (without running its code) to an ectune model"""
+
+    pickle: Annotated[Path, tyro.conf.Positional, tyro.conf.arg(metavar="PICKLE")]
+    """network-snapshot-*.pkl (EDM, ECT) or edm2-*.pkl (EDM2)"""
+    out: Annotated[Path, tyro.conf.arg(metavar="MODEL.safetensors")]
+    """MODEL.safetensors to write"""
+    kind: Annotated[Literal["edm", "edm2"] | None,
+                    optional("{edm,edm2}", unset="guessed from the network's layout")] = None
+    """which network family the pickle holds"""
+    preset: Annotated[PresetName | None, optional(  # type: ignore[valid-type]
+        "{" + ",".join(preset_names()) + "}", unset="cifar10 for DDPM++ 32×32, imagenet64-s/m/l/xl for EDM2")] = None
+    """recipe stored with the model"""
+    sigma_min_shift: Annotated[float | None, optional("S", unset="the preset's")] = None
+    """store this boundary f(x, σ_min) = x for consistency sampling (0.003: the public ECT checkpoints)"""
 
 
 def default_preset(net: NetConfig, path: Path) -> str:
@@ -38,33 +61,18 @@ def default_preset(net: NetConfig, path: Path) -> str:
 def imported_config(net: NetConfig, preset: str, *, sigma_data: float, sigma_min_shift: float | None = None) -> RunConfig:
     """The RunConfig stored with an imported network: the preset's `tune` recipe around the pickle's network, with
     `sigma_min_shift` (if given) as its sampling boundary."""
-    from ..presets import get_preset
-
     cfg = get_preset(preset, "tune")
     sample = cfg.sample if sigma_min_shift is None else replace(cfg.sample, sigma_min_shift=sigma_min_shift)
     return replace(cfg, net=net, precond=replace(cfg.precond, sigma_data=sigma_data),
                    data=replace(cfg.data, use_labels=net.label_dim > 0), sample=sample)
 
 
-def cmd_import_edm(command: str, rest: Sequence[str]) -> int:
-    from ..presets import preset_names
-
-    p = argparse.ArgumentParser(prog="ectune import-edm",
-                                description="convert an EDM/EDM2 network pickle (without running its code) to an ectune model")
-    p.add_argument("pickle", type=Path, help="network-snapshot-*.pkl (EDM, ECT) or edm2-*.pkl (EDM2)")
-    p.add_argument("--out", type=Path, required=True, help="MODEL.safetensors to write")
-    p.add_argument("--kind", choices=("edm", "edm2"), default=None, help="default: guessed from the network's layout")
-    p.add_argument("--preset", choices=preset_names(), default=None,
-                   help="recipe stored with the model (default: cifar10 for DDPM++ 32×32, imagenet64-s/m/l/xl for EDM2)")
-    p.add_argument("--sigma-min-shift", type=float, default=None,
-                   help="store this boundary f(x, σ_min) = x for consistency sampling (0.003 samples the public ECT "
-                        "checkpoints as the reference code does)")
-    a = p.parse_args(rest)
-
+def run(command: str, argv: Sequence[str]) -> int:
+    a = parse(ImportEdmArgs, command, argv)
+    from ..importers.edm_pickle import PickleRefused, map_to_ectune, read_edm_pickle
     from ..model import load_model, sampling_boundary
     from ..nets import count_params
     from ..runtime.checkpoint import save_model
-    from .edm_pickle import PickleRefused, map_to_ectune, read_edm_pickle
 
     if not a.pickle.is_file():
         raise FileNotFoundError(f"{a.pickle}: no such file (expected an EDM/EDM2 network pickle)")

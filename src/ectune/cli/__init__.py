@@ -1,0 +1,52 @@
+"""The `ectune` command line. Training commands take a preset plus any config field as a flag
+(`--train.batch 64`, `--objective.q 4`, ...; generated from ectune.config by tyro)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Sequence
+
+from .. import __version__
+
+# Command -> the module of this package that runs it (its `run(command, argv)`), imported only when it runs, so
+# `ectune info` does not pay for the training loop or the feature extractors.
+COMMANDS = {
+    "pretrain": "train",
+    "tune": "train",
+    "sample": "sample",
+    "info": "info",
+    "convert-images": "convert_images",
+    "eval": "eval",
+    "ref-stats": "ref_stats",
+    "import-edm": "import_edm",
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__.strip() + "\n\ncommands: " + ", ".join(COMMANDS) + "\nrun `ectune COMMAND --help` for its options")
+        return 0
+    if argv[0] == "--version":
+        print(f"ectune {__version__}")
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"ectune: unknown command {command!r}; expected one of {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    from ..runtime import distributed as rt_dist
+
+    owns_process_group = not rt_dist.is_initialized()  # under torchrun the command itself joins the group
+    try:
+        module = importlib.import_module(f"{__name__}.{COMMANDS[command]}")
+        code = module.run(command, rest) or 0
+        if owns_process_group and code == 0:
+            rt_dist.shutdown()  # on success only: after a failure the other ranks may never arrive
+        return code
+    except KeyboardInterrupt:
+        print("ectune: interrupted; rerun the same command to resume from the last save", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, RuntimeError) as exc:  # our errors carry one clear sentence
+        print(f"ectune {command}: error: {exc}", file=sys.stderr)
+        return 1

@@ -1,0 +1,80 @@
+"""`ectune sample`: images from a model file or run directory, sample i from seed + i (split across ranks under
+torchrun), written as a PNG grid, an .npz or a folder of PNGs."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal, Sequence
+
+import tyro
+
+from .common import Flag, check_mid_t, optional, parse, with_sampling_boundary
+
+
+@dataclass(frozen=True, kw_only=True)
+class SampleArgs:
+    """generate images from a model or run directory"""
+
+    model: Annotated[Path, tyro.conf.Positional, tyro.conf.arg(metavar="MODEL")]
+    """model .safetensors file or run directory"""
+    steps: int = 1
+    """consistency steps (1, 2, ...)"""
+    mid_t: Annotated[tuple[float, ...] | None, optional("T [T ...]", unset="the model's")] = None
+    """intermediate times"""
+    method: Literal["consistency", "heun"] = "consistency"
+    sigma_min_shift: Annotated[float | None, optional("S", unset="the model's sample.sigma_min_shift")] = None
+    """boundary f(x, σ_min) = x of consistency sampling (0.003: the public ECT checkpoints; 0: exact f(x, 0) = x)"""
+    n: int = 64
+    seed: int = 0
+    """first seed; sample i uses seed+i"""
+    class_label: Annotated[int | None, tyro.conf.arg(name="class", metavar="K",
+                                                     help_behavior_hint="(optional)")] = None
+    """class id for conditional models"""
+    batch: int = 256
+    device: str = "auto"
+    out: Path
+    """grid.png, images.npz, or a directory for PNGs"""
+    force: Flag = False
+    """consistency-sample a diffusion model anyway"""
+
+
+def run(command: str, argv: Sequence[str]) -> int:
+    a = parse(SampleArgs, command, argv)
+    for name in ("steps", "n", "batch"):
+        if getattr(a, name) < 1:
+            raise ValueError(f"--{name} {getattr(a, name)}: expected an integer >= 1")
+    if not 0 <= a.seed <= 2**63 - 1 - a.n:
+        raise ValueError(f"--seed {a.seed}: expected an integer in [0, 2**63 - n)")
+    import torch
+
+    from ..imageio import save_images
+    from ..model import load_model, sample_images
+    from ..runtime import distributed as rt_dist
+    from ..runtime.device import resolve_device
+    from ..sampling import to_uint8
+
+    device = resolve_device(a.device, int(os.environ.get("LOCAL_RANK", "0")))
+    dist = rt_dist.init_distributed(device.type)  # under torchrun each rank samples a slice of the seeds
+    model, cfg, extra = load_model(a.model, device=device)
+    cfg = with_sampling_boundary(cfg, a.sigma_min_shift)
+    check_mid_t(a.mid_t, cfg)
+    if a.method == "consistency" and extra.get("objective") == "diffusion" and not a.force:
+        raise ValueError(f"{a.model} is a diffusion model (pretrained, not tuned): 1-2 consistency steps give blurs. "
+                         "Use --method heun, tune it with `ectune tune --init`, or pass --force")
+    seeds = torch.arange(a.seed, a.seed + a.n)
+    if cfg.net.label_dim == 0 and a.class_label is not None:
+        raise ValueError(f"--class {a.class_label}: the model is unconditional")
+    if a.class_label is not None and not 0 <= a.class_label < cfg.net.label_dim:
+        raise ValueError(f"--class {a.class_label}: the model has {cfg.net.label_dim} classes (0..{cfg.net.label_dim - 1})")
+    labels = None if a.class_label is None else torch.full((a.n,), a.class_label)
+    mine = rt_dist.rank_seeds(torch.arange(a.n), dist.rank, dist.world_size)  # positions of this rank's samples
+    images = sample_images(model, cfg, seeds[mine], steps=a.steps, mid_t=a.mid_t, method=a.method,
+                           class_labels=None if labels is None else labels[mine], batch=a.batch, device=device)
+    images = rt_dist.all_gather_cat(to_uint8(images))
+    if dist.is_main:
+        out = save_images(images, a.out)
+        steps = a.steps if a.method == "consistency" else cfg.sample.heun_steps
+        print(f"wrote {a.n} samples ({a.method}, {steps} steps, {dist.world_size} process(es)) to {out}")
+    return 0

@@ -4,6 +4,7 @@ EDM's code base for the pickle importer. Test modules import helpers from here, 
 from __future__ import annotations
 
 import collections
+import math
 import os
 import pickle
 import sys
@@ -220,3 +221,32 @@ class SystemCall:
 
     def __reduce__(self) -> Any:
         return (os.system, (self.cmd,))
+
+
+# ---------------------------------------------------------------------------------------------- fast-path configs
+
+
+def small_cfg(channels: int = 3, dropout: float = 0.2, precision: str = "fp32", compile: bool = False, batch: int = 16):
+    cfg = get_preset("cifar10", "tune")
+    net = replace(SMALL_CONFIGS["small"], img_channels=channels, dropout=dropout, attn_resolutions=(16,))
+    return replace(cfg, net=net, train=replace(cfg.train, batch=batch, precision=precision, compile=compile,
+                                               sample_kimg=0.0))
+
+
+def random_data(cfg, n: int = 64):
+    from ectune.data import ImageDataset
+
+    g = torch.Generator().manual_seed(3)
+    c, res = cfg.net.img_channels, cfg.net.img_resolution
+    return ImageDataset(torch.randint(0, 256, (n, c, res, res), dtype=torch.uint8, generator=g), None, 0, "random")
+
+
+def last_stage_nimg(cfg) -> int:
+    from ectune.losses import stage_nimg
+
+    return int(math.ceil(stage_nimg(cfg.objective, cfg.train.total_kimg * 1000) * (cfg.objective.stages - 1)))
+
+
+def opt_state_snapshot(opt, params):
+    return [p.detach().clone() for p in params] + [
+        v.detach().clone() for p in params for v in opt.state.get(p, {}).values() if isinstance(v, torch.Tensor)]

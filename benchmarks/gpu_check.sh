@@ -10,7 +10,8 @@
 #         itself (pip install -e . --no-deps --no-build-isolation); print nvidia-smi and torch/CUDA versions
 #   perf: benchmarks/throughput.py (cifar10 preset, batch 128: fp32/TF32/bf16/compile/fast + 1-step sampling), with
 #         a torch.profiler kernel table per training mode in $OUT/profile/; pytest -m gpu tests/test_gpu.py; a
-#         short real run on Fashion-MNIST through the CLI: `ectune pretrain` then `ectune tune` (batch 256)
+#         short real run on Fashion-MNIST through the CLI: `ectune pretrain` then `ectune tune` (batch 256);
+#         benchmarks/precision.py on that tuned model (native TF32 beside the CPU's emulation of it)
 #   eval: benchmarks/paper_table.py --size full, then benchmarks/scaling.py --size full from the same pretrained
 #         model (Fashion-MNIST, FD-Lite0, n = 10k)
 # Fashion-MNIST is taken from .data/fashion-mnist/ when that folder exists ($ECTUNE_FASHION_MNIST).
@@ -136,6 +137,10 @@ step fm-tune 65 "$PY" -m ectune.cli tune --preset fashion-mnist --init "$OUTDIR/
   --train.total-kimg "$TRAIN_KIMG" --train.batch 256 --train.status-kimg 1.28 --train.save-kimg "$TRAIN_KIMG" \
   --train.sample-kimg "$TRAIN_KIMG" "$COMPILE_FLAG" --quiet
 
+# 5. Δ-noise of each precision on that tuned model: CUDA's own TF32 next to the CPU emulation of it ------------------
+step precision 90 "$PY" benchmarks/precision.py --model "$OUTDIR/fm-tune" --n 64 \
+  --modes fp32,tf32,tf32-trunc,bf16,fp16 --ratios 0.5,0.7,0.75,0.9375,0.96875,0.984375,0.99,0.99609375
+
 fi
 
 # summary --------------------------------------------------------------------------------------------------------
@@ -158,7 +163,7 @@ for line in open(sys.argv[1]):
     print(f"{r['mode']:<28}", " ".join(f"{k}={r[k]}" for k in keys if k in r and r[k] is not None))
 EOF
   fi
-  for table in "$OUTDIR/paper_table/table.md" "$OUTDIR/scaling/scaling.md"; do
+  for table in "$OUTDIR/paper_table/table.md" "$OUTDIR/scaling/scaling.md" "$OUTDIR/precision.log"; do
     if [ -f "$table" ]; then echo "--- $table ---"; cat "$table"; fi
   done
   for run in fm-pretrain fm-tune; do

@@ -129,8 +129,9 @@ def pretrain(out: Path, size: Size, log: Callable[[str], None]) -> tuple[Path, f
 
 def tune_and_eval(name: str, objective: str, edit: Callable[[RunConfig], RunConfig], init: Path, out: Path, size: Size, tune_kimg: float,
                   curve: bool, steps: tuple[int, ...], ref: FeatureStats, device: torch.device,
-                  ext: FeatureExtractor, log: Callable[[str], None]) -> dict[str, Any]:
-    """Tune one variant for tune_kimg (in chunks at the curve points when `curve`), evaluating as it goes."""
+                  ext: FeatureExtractor, log: Callable[[str], None], *, trainer: Callable[..., Any] = train) -> dict[str, Any]:
+    """Tune one variant for tune_kimg (in chunks at the curve points when `curve`), evaluating as it goes.
+    `trainer` runs each chunk (`train`'s signature; benchmarks/precision_tuning.py passes one that emulates TF32)."""
     base = get_preset("fashion-mnist", "tune", objective=objective)
     cfg = edit(_train_cfg(base, size, total_kimg=tune_kimg, lr=size.tune_lr,
                           halflife_kimg=max(tune_kimg * size.tune_halflife_frac, size.batch / 1000)))
@@ -140,7 +141,7 @@ def tune_and_eval(name: str, objective: str, edit: Callable[[RunConfig], RunConf
     for frac in points:
         kimg = _snap(tune_kimg * frac, size.batch)
         t0 = time.time()
-        train(cfg, run, init=init, command="tune", until_kimg=kimg, show_progress=False)
+        trainer(cfg, run, init=init, command="tune", until_kimg=kimg, show_progress=False)
         train_seconds += time.time() - t0
         model, mcfg, extra = load_model(run, device=device)
         final = frac == 1.0

@@ -12,8 +12,9 @@ meter; the ECT stage is the preset's last by default, where nearly every row nee
     tf32          fp32 network, TF32 matmuls/convolutions
     bf16          bf16 autocast inside the network (eager)
     bf16+compile  bf16 + torch.compile of f_θ; host-synchronising non-finite check (as before this change)
-    fast          the default CUDA path of train(): bf16 + compile + device-side non-finite guard; flags are
-                  read one step late, so the host never waits for the device
+    fast          the default CUDA path of train() in the stages where `--train.precision auto` picks bf16:
+                  bf16 + compile + device-side non-finite guard; flags are read one step late, so the host
+                  never waits for the device
 (On CUDA every mode gathers batches from a GPU-resident copy of the dataset, as training_step now does.)
     sample        1-step sampling f(80·z, 80) at --sample-batch (eager bf16 and compiled), plus the
                   end-to-end `sample_images` rate (per-seed CPU noise included)
@@ -196,7 +197,7 @@ def bench_train(args: argparse.Namespace, cfg, data, device: torch.device, spec:
     from ectune.runtime import distributed as rt_dist
     from ectune.runtime.perf import StepFlag, Stopwatch, forward_flops, peak_memory_gb, reset_peak_memory
     from ectune.training.loop import (
-        StatsMeter, _wrap_for_training, compute_dtype, make_optimizer, recompute_norms, set_learning_rate,
+        StatsMeter, _wrap_for_training, make_optimizer, recompute_norms, set_learning_rate,
         target_pass_rows, training_step,
     )
 
@@ -206,7 +207,7 @@ def bench_train(args: argparse.Namespace, cfg, data, device: torch.device, spec:
         torch.backends.cudnn.allow_tf32 = spec["tf32"]
         torch.backends.cudnn.benchmark = True
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg, compute_dtype=compute_dtype(cfg.train.precision, device)).to(device)
+    model = build_model(cfg).to(device)  # training_step sets the precision the mode asks for
     net = model.net
     opt = make_optimizer(cfg, list(net.parameters()), device)
     ema = EMA(net, cfg.ema)

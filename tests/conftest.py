@@ -250,3 +250,11 @@ def last_stage_nimg(cfg) -> int:
 def opt_state_snapshot(opt, params):
     return [p.detach().clone() for p in params] + [
         v.detach().clone() for p in params for v in opt.state.get(p, {}).values() if isinstance(v, torch.Tensor)]
+
+
+def cpu_has_bf16() -> bool:
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return nn.functional.conv2d(torch.randn(1, 1, 4, 4), torch.randn(1, 1, 3, 3)).dtype == torch.bfloat16
+    except RuntimeError:
+        return False

@@ -6,6 +6,8 @@ from torch import nn
 
 from ectune.precond import Precond, edm_scalings
 
+from conftest import cpu_has_bf16
+
 
 @pytest.mark.parametrize(
     "t, expected",
@@ -57,15 +59,7 @@ def test_class_labels_become_one_hot():
         f(torch.randn(2, 1, 2, 2), 1.0)
 
 
-def _cpu_has_bf16() -> bool:
-    try:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            return nn.functional.conv2d(torch.randn(1, 1, 4, 4), torch.randn(1, 1, 3, 3)).dtype == torch.bfloat16
-    except RuntimeError:
-        return False
-
-
-@pytest.mark.skipif(not _cpu_has_bf16(), reason="this CPU build has no bf16 autocast")
+@pytest.mark.skipif(not cpu_has_bf16(), reason="this CPU build has no bf16 autocast")
 def test_bf16_autocast_never_reaches_the_loss():
     from conftest import TinyNet
     from ectune.losses import consistency_loss
@@ -86,7 +80,7 @@ def test_bf16_autocast_never_reaches_the_loss():
     assert seen and all(d == torch.bfloat16 for d in seen)  # the inner network really ran in bf16
 
 
-@pytest.mark.skipif(not _cpu_has_bf16(), reason="this CPU build has no bf16 autocast")
+@pytest.mark.skipif(not cpu_has_bf16(), reason="this CPU build has no bf16 autocast")
 def test_bf16_loss_and_gradients_agree_with_fp32():
     """The same step in bf16 and fp32 (same weights, noise, (t, r) and dropout keys) agrees within bf16 tolerance."""
     from ectune.losses import consistency_loss

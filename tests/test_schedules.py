@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from ectune.config import ObjectiveConfig
-from ectune.losses import draw_t_r
+from ectune.losses import draw_t_r, largest_r_over_t
 from ectune.schedules import (
-    consistency_sigmas, ect_r, ect_stage, heun_sigmas, ict_interval_probs, ict_num_steps, ict_t_r, karras_sigmas,
-    learning_rate, lognormal_t,
+    consistency_sigmas, ect_max_r_over_t, ect_r, ect_stage, heun_sigmas, ict_interval_probs, ict_num_steps, ict_t_r,
+    karras_sigmas, learning_rate, lognormal_t,
 )
 
 
@@ -48,6 +48,30 @@ def test_ect_r_stage_zero_is_diffusion_and_r_below_t():
 def test_ect_r_unknown_mapping():
     with pytest.raises(ValueError, match="mapping"):
         ect_r(torch.ones(1), 1, q=2, mapping="linear")
+
+
+@pytest.mark.parametrize("a, q, mapping, b, expected", [
+    (8, 2, "sigmoid", 1.0, 1 - 1 / 256),  # cifar10's last stage: 0.99609375
+    (1, 256, "sigmoid", 1.0, 1 - 1 / 256),  # the one-hour recipe
+    (2, 4, "sigmoid", 1.0, 0.9375),
+    (1, 2, "const", 1.0, 0.5),
+    (3, 2, "sigmoid", 0.0, 1 - 5 / 8),  # b = 0: n(t) ≡ 1 + k/2 = 5
+    (1, 2, "sigmoid", 0.0, 0.0),  # clamped like r
+    (0, 2, "sigmoid", 1.0, 0.0),  # stage 0: diffusion
+])
+def test_ect_max_r_over_t_hand_values(a, q, mapping, b, expected):
+    assert ect_max_r_over_t(a, q=q, b=b, mapping=mapping) == pytest.approx(expected, abs=1e-12)
+    t = torch.logspace(-3, 3, 2001, dtype=torch.float64)  # r/t of actual draws approaches the bound from below
+    ratio = (ect_r(t, a, q=q, b=b, mapping=mapping) / t).max().item()
+    assert ratio <= expected + 1e-12 and ratio == pytest.approx(expected, abs=1e-3)
+
+
+def test_largest_r_over_t_per_objective():
+    ect = ObjectiveConfig(kind="ect", q=2.0, stages=8)
+    assert [largest_r_over_t(ect, nimg=i * 1000, total_nimg=8000) for i in (0, 7)] == [0.5, 1 - 1 / 256]
+    assert largest_r_over_t(ObjectiveConfig(kind="diffusion"), nimg=0, total_nimg=1) == 0.0
+    ict = ObjectiveConfig(kind="ict", ict_fixed_n=11)  # REFERENCE §4: 80.0 → 45.31373 is the widest step
+    assert largest_r_over_t(ict, nimg=0, total_nimg=1) == pytest.approx(45.31373 / 80.0, abs=1e-6)
 
 
 def test_ect_stage_tuning_and_scratch():

@@ -272,8 +272,12 @@ class TrainConfig(_Validated):
     batch: int = 128  # global batch (all ranks, all accumulation rounds)
     accum: int = 1  # gradient accumulation rounds per optimiser step
     seed: int = 0
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 on CUDA, fp32 on CPU
-    tf32: bool = True
+    # The inner network's precision per step (ectune.precond.resolve_precision): auto = staged on CUDA, fp32 on the
+    # CPU; staged = bf16 autocast while the ECT stage's largest r/t is ≤ 0.7, fp32 with TF32 up to 0.96875, fp32
+    # beyond: reduced precision's rounding noise would swamp Δ = f(x_t, t) − f(x_r, r) as r/t → 1
+    # (docs/performance.md has the measurements).
+    precision: Literal["auto", "staged", "fp32", "bf16", "fp16"] = "auto"
+    tf32: bool = False  # TF32 for all fp32 convolutions/matmuls on CUDA (it rounds their inputs to 10 mantissa bits)
     compile: bool = False
     # Recompute GroupNorm + SiLU in backward instead of saving the norm output (bit-identical gradients, about a
     # quarter less activation memory for one more element-wise pass): auto = on for eager CUDA training, where

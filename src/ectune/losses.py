@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .config import ObjectiveConfig
 from .nets.dropout import MaskTape, masks_recorded, masks_replayed
-from .schedules import ect_r, ect_stage, ict_num_steps, ict_t_r, lognormal_t
+from .schedules import ect_max_r_over_t, ect_r, ect_stage, ict_num_steps, ict_t_r, karras_sigmas, lognormal_t
 from .weighting import LossForm, adaptive_loss, timestep_weight
 
 Denoiser = Callable[..., Tensor]  # f(x, sigma, class_labels, *, dropout_key) -> fp32 tensor like x
@@ -133,6 +133,19 @@ def draw_t_r(
     a = ect_stage(nimg, stage_nimg(obj, total_nimg), from_scratch=obj.from_scratch)
     r = ect_r(t.double(), a, q=obj.q, k=obj.k, b=obj.b, mapping=obj.mapping)
     return t, r.float()
+
+
+def largest_r_over_t(obj: ObjectiveConfig, *, nimg: int, total_nimg: float) -> float:
+    """The largest r/t any pair drawn at progress `nimg` can have (0 for diffusion): what decides how much precision
+    the step needs, since Δ's rounding noise grows as r/t → 1 (see ectune.precond.resolve_precision)."""
+    if obj.kind == "diffusion":
+        return 0.0
+    if obj.kind == "ict":
+        num_points = obj.ict_fixed_n or ict_num_steps(int(nimg), int(total_nimg), s0=obj.ict_s0, s1=obj.ict_s1)
+        grid = karras_sigmas(num_points, sigma_min=obj.sigma_min, sigma_max=obj.sigma_max, rho=obj.rho)
+        return float((grid[1:] / grid[:-1]).max())  # descending grid: (r, t) = (t_{i+1}, t_i)
+    a = ect_stage(nimg, stage_nimg(obj, total_nimg), from_scratch=obj.from_scratch)
+    return ect_max_r_over_t(a, q=obj.q, k=obj.k, b=obj.b, mapping=obj.mapping)
 
 
 def objective_loss_kwargs(obj: ObjectiveConfig, *, data_dim: int, sigma_data: float) -> dict:

@@ -1,15 +1,60 @@
 """EDM preconditioning: f_θ(x, t) = c_skip(t)·x + c_out(t)·F_θ(c_in(t)·x, c_noise(t)) (Eq. 7).
 
 Precision is decided here and only here: the scalings, the skip connection and the output are fp32; the
-inner network alone runs under autocast when a reduced precision is asked for.
+inner network alone runs under autocast when a reduced precision is asked for. `resolve_precision` below is the
+one rule that picks the precision of a training step.
 """
 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How the inner network computes: `dtype` is its autocast dtype (fp32 = no autocast); `tf32` lets CUDA run
+    the convolutions and matrix products of fp32 work in TF32 (inputs rounded to 10 mantissa bits)."""
+
+    dtype: torch.dtype
+    tf32: bool = False
+
+
+# The "staged" policy, cheapest first: (largest r/t, precision). Each precision is used up to the largest r/t at
+# which it kept ECT's Δ-noise ratio ‖Δ_low − Δ_fp32‖ / ‖Δ_fp32‖ (median over rows) at or below 0.1 on the most
+# sensitive trained model measured with benchmarks/precision.py (docs/performance.md: bf16 0.080 at 0.7 and 0.097
+# at 0.75; TF32 0.065 at 0.96875 and 0.13 at 0.984). Closer to 1, Δ = f(x_t, t) − f(x_r, r) would be mostly the
+# two passes' rounding noise, so the rest runs in fp32 with TF32 off, as the reference does.
+STAGED: tuple[tuple[float, Precision], ...] = (
+    (0.7, Precision(torch.bfloat16)),
+    (0.96875, Precision(torch.float32, tf32=True)),
+    (1.0, Precision(torch.float32)),
+)
+
+_FIXED = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_precision(precision: str, device: torch.device | str, *, tf32: bool, max_r_over_t: float) -> Precision:
+    """The precision of a training step whose pairs reach r/t ≤ `max_r_over_t`, for `TrainConfig.precision`.
+
+    "fp32", "bf16", "fp16": that autocast dtype throughout. "staged": the cheapest entry of STAGED that covers
+    `max_r_over_t` (the largest r/t of the current ECT stage or iCT grid; 0 for diffusion). "auto": "staged" on
+    CUDA, "fp32" on the CPU (where autocast saves little and TF32 does not exist). `tf32` (TrainConfig.tf32) turns
+    TF32 on for all fp32 work as well.
+    """
+    device = torch.device(device)
+    if precision == "auto":
+        precision = "staged" if device.type == "cuda" else "fp32"
+    if precision == "staged":
+        chosen = next(p for limit, p in STAGED if max_r_over_t <= limit)
+    elif precision in _FIXED:
+        chosen = Precision(_FIXED[precision])
+    else:
+        raise ValueError(f"--train.precision must be auto, staged, fp32, bf16 or fp16, got {precision!r}")
+    return Precision(chosen.dtype, tf32=chosen.tf32 or tf32)
 
 
 def edm_scalings(sigma: Tensor, *, sigma_data: float = 0.5) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -93,13 +138,14 @@ class Precond(nn.Module):
         return torch.autocast(device_type=device.type, dtype=self.compute_dtype)
 
 
-def replace_precond(model: Precond, *, net: nn.Module | None = None, sigma_min_shift: float | None = None) -> Precond:
-    """A Precond sharing `model`'s network and settings, with `net` (e.g. a compiled view of the same network) and/or
-    the boundary σ_min replaced (None keeps `model`'s). No weights are copied."""
+def replace_precond(model: Precond, *, net: nn.Module | None = None, sigma_min_shift: float | None = None,
+                    compute_dtype: torch.dtype | None = None) -> Precond:
+    """A Precond sharing `model`'s network and settings, with `net` (e.g. a compiled view of the same network), the
+    boundary σ_min and/or the compute dtype replaced (None keeps `model`'s). No weights are copied."""
     return Precond(
         model.net if net is None else net,
         sigma_data=model.sigma_data,
         sigma_min_shift=model.sigma_min_shift if sigma_min_shift is None else sigma_min_shift,
         label_dim=model.label_dim,
-        compute_dtype=model.compute_dtype,
+        compute_dtype=model.compute_dtype if compute_dtype is None else compute_dtype,
     )

@@ -60,6 +60,25 @@ def ect_r(
     return (t * (1.0 - n / (q**stage))).clamp_min(0.0)
 
 
+def ect_max_r_over_t(
+    stage: int, *, q: float, k: float = 8.0, b: float = 1.0, mapping: Literal["sigmoid", "const"] = "sigmoid"
+) -> float:
+    """The largest r/t of stage a over all t: 1 − inf_t n(t)/q^a, clamped at 0 (Eq. 15, 17, 18).
+
+    The sigmoid mapping's n(t) = 1 + k·sigmoid(−b·t) falls toward 1 as t grows (b > 0), so the bound is 1 − 1/q^a,
+    approached by the largest t; rows at small t have r/t down to 1 − (1 + k/2)/q^a.
+    """
+    if stage <= 0:
+        return 0.0
+    if mapping == "sigmoid":
+        n_inf = 1.0 + k * (0.0 if b > 0 else 0.5 if b == 0 else 1.0)
+    elif mapping == "const":
+        n_inf = 1.0
+    else:
+        raise ValueError(f"unknown ECT mapping {mapping!r}; expected 'sigmoid' or 'const'")
+    return max(1.0 - n_inf / q**stage, 0.0)
+
+
 def karras_sigmas(
     n: int, *, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0, dtype: torch.dtype = torch.float64
 ) -> Tensor:

@@ -21,14 +21,15 @@ from torch import Tensor, nn
 from ..config import RunConfig
 from ..data import ImageDataset, global_indices, load_batch, open_dataset, to_model_input, xflip_mask
 from ..ema import EMA
-from ..losses import consistency_loss, draw_t_r, objective_loss_kwargs, stage_nimg, target_rows
+from ..losses import consistency_loss, draw_t_r, largest_r_over_t, objective_loss_kwargs, stage_nimg, target_rows
 from ..model import build_model, sample_images, sampling_boundary
 from ..nets import count_params
-from ..precond import Precond, replace_precond
+from ..precond import Precision, Precond, replace_precond, resolve_precision
 from ..runtime import distributed as rt_dist
 from ..runtime.checkpoint import CheckpointError, load_state, save_model, save_state
 from ..runtime.device import resolve_device
 from ..runtime.perf import step_unless_nonfinite
+from ..runtime.precision import set_cuda_tf32
 from ..sampling import to_uint8
 from ..schedules import ect_stage, learning_rate
 from .report import Reporter
@@ -51,11 +52,6 @@ class TrainResult:
     seconds: float
 
 
-def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """The inner network's dtype: bf16 on CUDA by default, fp32 on the CPU (where bf16 is slow)."""
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return torch.float32
 
 
 def step_generator(seed: int, nimg: int, device: torch.device | str = "cpu") -> torch.Generator:
@@ -104,7 +100,7 @@ def train(
     if dist.world_size > 1 and device.type == "cuda":
         device = torch.device(f"cuda:{dist.local_rank}")
         torch.cuda.set_device(device)
-    _set_backend_flags(cfg, device)
+    _set_backend_flags(device)
     run = RunDir(Path(run_dir))
     cfg = run.prepare(cfg, init=init, command=command, is_main=dist.is_main)
     rt_dist.barrier()
@@ -112,7 +108,7 @@ def train(
     data = open_dataset(cfg.data)
     check_data_matches(cfg, data, world_size=dist.world_size)
     torch.manual_seed(cfg.train.seed)  # initial weights (all later randomness is per step, see step_generator)
-    model = build_model(cfg, compute_dtype=compute_dtype(cfg.train.precision, device)).to(device)
+    model = build_model(cfg).to(device)  # training_step sets the precision of each step's stage
     net = model.net  # the raw module: saved, averaged, normalised
     opt = make_optimizer(cfg, list(net.parameters()), device)
     ema = EMA(net, cfg.ema)
@@ -138,8 +134,12 @@ def train(
     last_save_nimg: int | None = None
 
     model.train()
+    precision = None
     while nimg < stop_nimg:
         lr = set_learning_rate(opt, cfg, nimg)
+        if (p := step_precision(cfg, nimg, device)) != precision:  # a stage changed the precision (and the speed)
+            precision = p
+            reporter.log(f"precision from {nimg / 1000:.1f} kimg: {_describe(p, device)}")
         loss_sum, r_over_t, finite = training_step(train_model, target_model, opt, data, cfg, nimg, dist, device, loss_kwargs)
         nimg += cfg.train.batch
         if finite:
@@ -227,6 +227,7 @@ def training_step(
     flips = xflip_mask(torch.arange(nimg, nimg + B), seed=cfg.train.seed)
     eps = torch.randn((B, *_img_shape(cfg)), generator=step_generator(cfg.train.seed, nimg, device), device=device)
 
+    set_step_precision(target_model, cfg, nimg, device)
     student_f, target_f = train_model, target_model
     if cfg.train.compile and world == 1:  # under DDP only the network is compiled; its inputs are made inside f_θ
         student_f, target_f = with_batch_hint(train_model, dynamic=False), with_batch_hint(target_model, dynamic=True)
@@ -268,6 +269,23 @@ def training_step(
     if not finite:
         loss_sum = torch.zeros((), device=device)
     return loss_sum, r_over_t, finite
+
+
+def step_precision(cfg: RunConfig, nimg: int, device: torch.device) -> Precision:
+    """The precision `resolve_precision` picks for the step at `nimg`: by the largest r/t its stage can draw."""
+    max_r_over_t = largest_r_over_t(cfg.objective, nimg=nimg, total_nimg=cfg.train.total_kimg * 1000)
+    return resolve_precision(cfg.train.precision, device, tf32=cfg.train.tf32, max_r_over_t=max_r_over_t)
+
+
+def set_step_precision(target_model: nn.Module, cfg: RunConfig, nimg: int, device: torch.device) -> None:
+    """Run the step at `nimg` in `step_precision`. Under "auto" on CUDA ("staged") this changes at most twice per
+    run, at the ECT stages where r/t gets too close to 1 for bf16 and then for TF32; a compiled f_θ compiles its
+    two graphs again at each change."""
+    p = step_precision(cfg, nimg, device)
+    precond = getattr(target_model, "_orig_mod", target_model)  # torch.compile's wrapper forwards reads, not writes
+    precond.compute_dtype = p.dtype
+    if device.type == "cuda":
+        set_cuda_tf32(p.tf32)
 
 
 def set_learning_rate(opt: torch.optim.Optimizer, cfg: RunConfig, nimg: int) -> float:
@@ -452,10 +470,14 @@ def recompute_norms(choice: str, device: torch.device, *, compiled: bool) -> boo
     return choice == "on" or (choice == "auto" and device.type == "cuda" and not compiled)
 
 
-def _set_backend_flags(cfg: RunConfig, device: torch.device) -> None:
+def _describe(p: Precision, device: torch.device) -> str:
+    name = {torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}.get(p.dtype, "fp32")
+    return name + (" with TF32" if p.tf32 and device.type == "cuda" else "")
+
+
+def _set_backend_flags(device: torch.device) -> None:
+    """Process-wide CUDA settings; TF32 is part of each step's precision (`set_step_precision`)."""
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32
-        torch.backends.cudnn.allow_tf32 = cfg.train.tf32
         torch.backends.cudnn.benchmark = True
 
 

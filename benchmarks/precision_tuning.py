@@ -34,7 +34,8 @@ from ectune.losses import largest_r_over_t, stage_nimg
 from ectune.precond import resolve_precision
 from ectune.runtime.checkpoint import atomic_write_text, read_model_meta
 from ectune.runtime.precision import tf32_mode
-from ectune.training.loop import resolve_device, train
+from ectune.runtime.device import resolve_device  # noqa: E402
+from ectune.training.loop import train
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -52,8 +52,6 @@ class TrainResult:
     seconds: float
 
 
-
-
 def step_generator(seed: int, nimg: int, device: torch.device | str = "cpu") -> torch.Generator:
     """The generator of every random draw of the step that starts at `nimg` images."""
     g = torch.Generator(device=device)

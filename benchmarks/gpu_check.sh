@@ -32,9 +32,9 @@ fi
 export ROOT OUTDIR PY
 START=$(date +%s)
 if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
-  HAVE_CUDA=1; TRAIN_KIMG=5.12; COMPILE_FLAG=--train.compile
+  HAVE_CUDA=1; TRAIN_KIMG=5.12; COMPILE_FLAG=--runtime.compile
 else  # no GPU: a 2-step run per command keeps the CLI check short; no compile (minutes on a CPU)
-  HAVE_CUDA=0; TRAIN_KIMG=0.512; COMPILE_FLAG=--train.no-compile
+  HAVE_CUDA=0; TRAIN_KIMG=0.512; COMPILE_FLAG=--runtime.no-compile
   echo "no CUDA device: GPU steps will skip or run tiny"
 fi
 declare -a NAMES=() RESULTS=() SECS=()
@@ -131,11 +131,11 @@ step pytest-gpu 110 "$PY" -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovi
 # 4. short real training run through the CLI (Fashion-MNIST, batch 256) ---------------------------------------------
 rm -rf "$OUTDIR/fm-pretrain" "$OUTDIR/fm-tune"
 step fm-pretrain 45 "$PY" -m ectune.cli pretrain --preset fashion-mnist --run "$OUTDIR/fm-pretrain" \
-  --train.total-kimg "$TRAIN_KIMG" --train.batch 256 --train.status-kimg 1.28 --train.save-kimg "$TRAIN_KIMG" \
-  --train.sample-kimg 0 --quiet
+  --train.total-kimg "$TRAIN_KIMG" --train.batch 256 --runtime.status-kimg 1.28 --runtime.save-kimg "$TRAIN_KIMG" \
+  --runtime.sample-kimg 0 --quiet
 step fm-tune 65 "$PY" -m ectune.cli tune --preset fashion-mnist --init "$OUTDIR/fm-pretrain" --run "$OUTDIR/fm-tune" \
-  --train.total-kimg "$TRAIN_KIMG" --train.batch 256 --train.status-kimg 1.28 --train.save-kimg "$TRAIN_KIMG" \
-  --train.sample-kimg "$TRAIN_KIMG" "$COMPILE_FLAG" --quiet
+  --train.total-kimg "$TRAIN_KIMG" --train.batch 256 --runtime.status-kimg 1.28 --runtime.save-kimg "$TRAIN_KIMG" \
+  --runtime.sample-kimg "$TRAIN_KIMG" "$COMPILE_FLAG" --quiet
 
 # 5. Δ-noise of each precision on that tuned model: CUDA's own TF32 next to the CPU emulation of it ------------------
 step precision 90 "$PY" benchmarks/precision.py --model "$OUTDIR/fm-tune" --n 64 \

@@ -102,8 +102,8 @@ def _train_cfg(cfg: RunConfig, size: Size, *, total_kimg: float, lr: float, half
         net=replace(size.net, dropout=cfg.net.dropout),
         optim=replace(cfg.optim, lr=lr),
         ema=replace(cfg.ema, kind="halflife", halflife_kimg=halflife_kimg),
-        train=replace(cfg.train, total_kimg=total_kimg, batch=size.batch, sample_kimg=0.0, save_kimg=1e9,
-                      status_kimg=1e9, eval_kimg=0.0, compile=False, precision="auto"),
+        train=replace(cfg.train, total_kimg=total_kimg, batch=size.batch, precision="auto"),
+        runtime=replace(cfg.runtime, sample_kimg=0.0, save_kimg=1e9, status_kimg=1e9, eval_kimg=0.0, compile=False),
     )
 
 

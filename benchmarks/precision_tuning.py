@@ -112,7 +112,7 @@ def train_emulating_tf32(cfg: RunConfig, run_dir: Path, *, until_kimg: float, **
     ends = [k * d for k in range(1, math.ceil(total / d))] + [until_kimg * 1000]
     start = 0.0
     for end in sorted(e for e in ends if e <= until_kimg * 1000):
-        p = resolve_precision(cfg.train.precision, "cuda", tf32=cfg.train.tf32,
+        p = resolve_precision(cfg.train.precision, "cuda", tf32=cfg.runtime.tf32,
                               max_r_over_t=largest_r_over_t(cfg.objective, nimg=int(start), total_nimg=total))
         with tf32_mode(p.tf32, "cpu"):
             train(cfg, run_dir, until_kimg=end / 1000, **kwargs)

@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     p.add_argument("--batches", default="2,4", help="two batch sizes; the per-image figures are the slope between them")
     p.add_argument("--recompute-norms", action="store_true", help="recompute GroupNorm + SiLU in backward, as "
-                   "eager CUDA training does by default (--train.recompute-norms auto)")
+                   "eager CUDA training does by default (--runtime.recompute-norms auto)")
     p.add_argument("--top", type=int, default=12)
     p.add_argument("--json", default="", help="also write the figures to this file")
     a = p.parse_args(argv)

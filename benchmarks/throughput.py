@@ -153,7 +153,8 @@ def bench_config(args: argparse.Namespace, tiny: bool):
         net = replace(SMALL_CONFIGS["tiny"], img_channels=cfg.net.img_channels, model_channels=16, channel_mult=(1, 2),
                       num_blocks=1, attn_resolutions=(16,), dropout=cfg.net.dropout)
         cfg = replace(cfg, net=net)
-    return replace(cfg, train=replace(cfg.train, batch=args.batch, accum=1, sample_kimg=0.0, eval_kimg=0.0))
+    return replace(cfg, train=replace(cfg.train, batch=args.batch, accum=1),
+                   runtime=replace(cfg.runtime, sample_kimg=0.0, eval_kimg=0.0))
 
 
 def bench_data(args: argparse.Namespace, cfg):
@@ -201,7 +202,8 @@ def bench_train(args: argparse.Namespace, cfg, data, device: torch.device, spec:
         target_pass_rows, training_step,
     )
 
-    cfg = replace(cfg, train=replace(cfg.train, precision=spec["precision"], tf32=spec["tf32"], compile=spec["compile"]))
+    cfg = replace(cfg, train=replace(cfg.train, precision=spec["precision"]),
+                  runtime=replace(cfg.runtime, tf32=spec["tf32"], compile=spec["compile"]))
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = spec["tf32"]
         torch.backends.cudnn.allow_tf32 = spec["tf32"]
@@ -229,7 +231,7 @@ def bench_train(args: argparse.Namespace, cfg, data, device: torch.device, spec:
         else:
             state["bad"] += 1
             state["skipped"] += 1
-            if state["bad"] >= cfg.train.max_bad_steps:
+            if state["bad"] >= cfg.runtime.max_bad_steps:
                 raise RuntimeError(f"{state['bad']} non-finite steps in a row")
 
     def drain() -> None:  # settle the flags still pending
@@ -292,7 +294,7 @@ def bench_train(args: argparse.Namespace, cfg, data, device: torch.device, spec:
         target_row_fraction=round(rows / (B * args.steps), 3), fwd_gflop_per_img=round(fwd / 1e9, 2),
         start_kimg=round(first_timed / 1000, 1), loss=round(loss, 5), skipped_steps=state["skipped"],
         guard_sync_steps=None if guard is None else guard.sync_steps, graphs_compiled_during_timing=graphs_during,
-        params=count_params(net), recompute_norms=recompute_norms(cfg.train.recompute_norms, device,
+        params=count_params(net), recompute_norms=recompute_norms(cfg.runtime.recompute_norms, device,
                                                                    compiled=spec["compile"]),
         **{k: v for k, v in spec.items() if k != "name"},
     )

@@ -156,7 +156,8 @@ def build_config(preset: str, net_size: str, batch: int):
         net = replace(cfg.net, model_channels=32, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(16,),
                       img_resolution=32)
         cfg = replace(cfg, net=net)
-    return replace(cfg, train=replace(cfg.train, batch=batch, accum=1, compile=True, precision="bf16"))
+    return replace(cfg, train=replace(cfg.train, batch=batch, accum=1, precision="bf16"),
+                   runtime=replace(cfg.runtime, compile=True))
 
 
 def step_starts(cfg, sizes: int) -> list[tuple[int, int]]:

@@ -4,6 +4,7 @@ EDM's code base for the pickle importer. Test modules import helpers from here, 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import math
 import os
 import pickle
@@ -81,9 +82,17 @@ def tiny(mode="pretrain", objective="ect", **train_kw):
     cfg = get_preset("fashion-mnist", mode, objective=objective)
     net = replace(SMALL_CONFIGS["tiny"], model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(8,),
                   dropout=cfg.net.dropout)
-    t = dict(total_kimg=0.128, batch=16, status_kimg=0.032, save_kimg=0.064, sample_kimg=0.0)
-    t.update(train_kw)
-    return replace(cfg, net=net, data=replace(cfg.data, split="test"), train=replace(cfg.train, **t))
+    cfg = replace(cfg, net=net, data=replace(cfg.data, split="test"))
+    return with_fields(cfg, **{**dict(total_kimg=0.128, batch=16, status_kimg=0.032, save_kimg=0.064, sample_kimg=0.0),
+                               **train_kw})
+
+
+def with_fields(cfg, **fields):
+    """cfg with each field set in the train or runtime section that has it."""
+    runtime_names = {f.name for f in dataclasses.fields(cfg.runtime)}
+    train = {k: v for k, v in fields.items() if k not in runtime_names}
+    runtime = {k: v for k, v in fields.items() if k in runtime_names}
+    return replace(cfg, train=replace(cfg.train, **train), runtime=replace(cfg.runtime, **runtime))
 
 
 # ---------------------------------------------------------------------------------------------- EDM pickle fakes
@@ -229,8 +238,8 @@ class SystemCall:
 def small_cfg(channels: int = 3, dropout: float = 0.2, precision: str = "fp32", compile: bool = False, batch: int = 16):
     cfg = get_preset("cifar10", "tune")
     net = replace(SMALL_CONFIGS["small"], img_channels=channels, dropout=dropout, attn_resolutions=(16,))
-    return replace(cfg, net=net, train=replace(cfg.train, batch=batch, precision=precision, compile=compile,
-                                               sample_kimg=0.0))
+    return replace(cfg, net=net, train=replace(cfg.train, batch=batch, precision=precision),
+                   runtime=replace(cfg.runtime, compile=compile, sample_kimg=0.0))
 
 
 def random_data(cfg, n: int = 64):

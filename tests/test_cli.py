@@ -12,7 +12,7 @@ from ectune.cli import COMMANDS, main
 
 OPTIONS = {
     "pretrain": ["--preset", "--run-dir", "--run", "--dry-run", "--until-kimg", "--quiet", "--train.total-kimg",
-                 "--objective.q", "--net.dropout", "--train.compile", "--train.no-compile"],
+                 "--objective.q", "--net.dropout", "--runtime.compile", "--runtime.no-compile"],
     "tune": ["--init", "--objective", "--run-dir", "--until-kimg", "--objective.kind", "--sample.mid-t"],
     "sample": ["MODEL", "--steps", "--mid-t", "--method", "--sigma-min-shift", "--n", "--seed", "--class", "--batch",
                "--device", "--out", "--force"],

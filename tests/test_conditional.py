@@ -52,7 +52,7 @@ def _assert_one_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
 @needs_fmnist
 def test_class_conditional_train_and_sample(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     run = tmp_path / "cond"
-    short = ["--train.total-kimg", "0.032", "--train.batch", "16", "--train.sample-kimg", "0", "--quiet"]
+    short = ["--train.total-kimg", "0.032", "--train.batch", "16", "--runtime.sample-kimg", "0", "--quiet"]
     with LabelRecorder() as rec:
         assert main(["pretrain", "--run", str(run), *TINY, "--data.use-labels", "--net.label-dim", "10", *short]) == 0
     # Training passes one-hot labels of exactly the images drawn for each step (two steps of 16).

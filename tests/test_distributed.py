@@ -35,7 +35,7 @@ needs_fmnist = pytest.mark.skipif(not HAVE_FMNIST, reason="Fashion-MNIST not ins
 
 TINY = ["--net.model-channels", "16", "--net.channel-mult", "1", "2", "--net.num-blocks", "1",
         "--net.attn-resolutions", "8", "--data.split", "test", "--train.batch", "16", "--train.total-kimg", "0.064",
-        "--train.status-kimg", "0.032", "--train.sample-kimg", "0", "--quiet"]
+        "--runtime.status-kimg", "0.032", "--runtime.sample-kimg", "0", "--quiet"]
 # augment_dim 9 as in the public EDM CIFAR-10 checkpoints: its mapping layer gets no gradient in ECT, which DDP
 # must be told about (it used to fail on the second step).
 PRETRAIN = ["pretrain", *TINY, "--net.augment-dim", "9"]

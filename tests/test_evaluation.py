@@ -185,7 +185,7 @@ def test_evaluate_in_training_record(tiny_model, fake_extractor):
     from ectune.model import load_model
 
     model, cfg, _ = load_model(tiny_model)
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, eval_n=8))
+    cfg = dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, eval_n=8))
     data = evaluation.open_reference_data(cfg)
     model.train()
     rec = evaluation.evaluate_in_training(model, cfg, data, nimg=2500, device="cpu")

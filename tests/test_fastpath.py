@@ -23,7 +23,7 @@ from ectune.runtime import distributed as rt_dist
 from ectune.runtime.perf import DeviceStepGuard, StepFlag, forward_flops, make_state_capturable, matmul_peak_tflops
 from ectune.training import loop
 
-from conftest import last_stage_nimg, opt_state_snapshot, random_data, small_cfg
+from conftest import last_stage_nimg, opt_state_snapshot, random_data, small_cfg, with_fields
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_CUDA = torch.cuda.is_available()
@@ -98,8 +98,7 @@ def tiny_train_cfg(**train_kw):
     net = replace(SMALL_CONFIGS["tiny"], model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(8,),
                   dropout=0.1)
     t = dict(total_kimg=0.064, batch=8, status_kimg=0.032, save_kimg=0.064, sample_kimg=0.0)
-    t.update(train_kw)
-    return replace(cfg, net=net, train=replace(cfg.train, **t))
+    return with_fields(replace(cfg, net=net), **{**t, **train_kw})
 
 
 def run_steps(cfg, guard: str, steps: int, poison_step: int = -1):

@@ -105,7 +105,7 @@ def test_compiled_step_equals_eager_step(precision):
     eager = build_model(cfg, compute_dtype=dtype).to(dev).train()
     comp_model = build_model(cfg, compute_dtype=dtype).to(dev).train()
     comp_model.load_state_dict(eager.state_dict())
-    _, compiled = loop._wrap_for_training(comp_model, replace(cfg, train=replace(cfg.train, compile=True)),
+    _, compiled = loop._wrap_for_training(comp_model, replace(cfg, runtime=replace(cfg.runtime, compile=True)),
                                           rt_dist.Dist(), dev)
     for seed in range(2):  # two target sizes: the dynamic-shape target graph is exercised too
         args = batch(cfg, dev, seed=seed, r_frac=0.5 + 0.3 * seed)
@@ -130,7 +130,7 @@ def test_same_dropout_mask_under_compile(precision):
     cfg = small_cfg(dropout=0.3, precision=precision)
     torch.manual_seed(0)
     model = build_model(cfg, compute_dtype=torch.bfloat16 if precision == "bf16" else torch.float32).to(dev).train()
-    _, f = loop._wrap_for_training(model, replace(cfg, train=replace(cfg.train, compile=True)), rt_dist.Dist(), dev)
+    _, f = loop._wrap_for_training(model, replace(cfg, runtime=replace(cfg.runtime, compile=True)), rt_dist.Dist(), dev)
     x0, t, _, eps, keys = batch(cfg, dev)
     kw = dict(weighting="one", p=0.0, c=0.0)
     same = consistency_loss(f, x0, t, t.clone(), eps, dropout_key=keys, **kw)

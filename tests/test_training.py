@@ -41,7 +41,7 @@ def test_resume_is_bit_exact(tmp_path):
 @needs_fmnist
 def test_pretrain_tune_ict_sample_info_cli(tmp_path, capsys):
     dm, ecm, ict = tmp_path / "dm", tmp_path / "ecm", tmp_path / "ict"
-    short = ["--train.total-kimg", "0.064", "--train.batch", "16", "--train.sample-kimg", "0.064", "--quiet"]
+    short = ["--train.total-kimg", "0.064", "--train.batch", "16", "--runtime.sample-kimg", "0.064", "--quiet"]
     assert main(["pretrain", "--run", str(dm), *TINY, *short]) == 0
     assert (dm / "samples-heun.png").exists() and (dm / "loss.png").exists() and (dm / "stats.jsonl").exists()
     assert main(["tune", "--init", str(dm), "--run", str(ecm), "--data.split", "test", *short]) == 0
@@ -160,7 +160,7 @@ def test_disk_full_keeps_previous_file(tmp_path, monkeypatch):
 def test_kill_dash_nine_then_rerun_resumes(tmp_path):
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "ectune.cli", "pretrain", "--run", str(run), *TINY, "--train.batch", "16",
-           "--train.total-kimg", "0.64", "--train.save-kimg", "0.064", "--train.sample-kimg", "0", "--quiet"]
+           "--train.total-kimg", "0.64", "--runtime.save-kimg", "0.064", "--runtime.sample-kimg", "0", "--quiet"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while not (run / "state.pt").exists() and time.time() < deadline:

@@ -4,6 +4,7 @@ no traceback, nothing written."""
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import replace
 
 import pytest
 import torch
@@ -48,7 +49,7 @@ def test_bad_training_option(tmp_path, capsys, options, message):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
 def test_cuda_requested_without_cuda(tmp_path, capsys):
-    assert main(["pretrain", "--run", str(tmp_path / "run"), "--train.device", "cuda"]) == 1
+    assert main(["pretrain", "--run", str(tmp_path / "run"), "--runtime.device", "cuda"]) == 1
     err = capsys.readouterr().err
     assert "--device cuda: this machine has no usable CUDA device" in err and not (tmp_path / "run").exists()
 
@@ -132,3 +133,30 @@ def test_retired_fields_of_older_configs_are_ignored():
     data["train"]["num_wrokers"] = 4
     with pytest.raises(ValueError, match="unknown field.*num_wrokers"):
         from_dict(RunConfig, data)
+
+
+def test_configs_stored_before_the_runtime_section_load_with_their_settings_moved():
+    """An older config kept device, intervals etc. in `train`: they load into `runtime`, values kept."""
+    data = to_dict(RunConfig())
+    runtime = data.pop("runtime")
+    data["train"].update({**runtime, "save_kimg": 7.0, "compile": True})
+    cfg = from_dict(RunConfig, data)
+    assert cfg.runtime.save_kimg == 7.0 and cfg.runtime.compile is True
+    assert cfg.train == RunConfig().train
+
+
+# The hash that the version before the runtime section gave a training state of the fashion-mnist tune preset
+# (computed with that version's RunDir.config_hash): its runs must still resume.
+OLD_LAYOUT_STATE_HASH = "d9a67e8c815a6376"
+
+
+def test_training_states_saved_with_the_old_config_layout_still_belong_to_their_run():
+    from ectune.presets import get_preset
+    from ectune.training.rundir import RunDir
+
+    cfg = get_preset("fashion-mnist", "tune")
+    assert RunDir.belongs_to(OLD_LAYOUT_STATE_HASH, cfg)
+    assert RunDir.belongs_to(RunDir.config_hash(cfg), cfg)
+    assert RunDir.config_hash(replace(cfg, runtime=replace(cfg.runtime, save_kimg=1.0))) == RunDir.config_hash(cfg)
+    other = replace(cfg, train=replace(cfg.train, seed=1))
+    assert not RunDir.belongs_to(OLD_LAYOUT_STATE_HASH, other)

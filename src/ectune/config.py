@@ -268,6 +268,9 @@ class SampleConfig(_Validated):
 
 @dataclass(frozen=True)
 class TrainConfig(_Validated):
+    """What is trained: the image budget, the batch, the seed and the numerics of each step. A run's training state
+    is tied to these (and every section but `runtime`); changing one starts a different run."""
+
     total_kimg: float = 12800.0
     batch: int = 128  # global batch (all ranks, all accumulation rounds)
     accum: int = 1  # gradient accumulation rounds per optimiser step
@@ -277,20 +280,6 @@ class TrainConfig(_Validated):
     # beyond: reduced precision's rounding noise would swamp Δ = f(x_t, t) − f(x_r, r) as r/t → 1
     # (docs/performance.md has the measurements).
     precision: Literal["auto", "staged", "fp32", "bf16", "fp16"] = "auto"
-    tf32: bool = False  # TF32 for all fp32 convolutions/matmuls on CUDA (it rounds their inputs to 10 mantissa bits)
-    compile: bool = False
-    # Recompute GroupNorm + SiLU in backward instead of saving the norm output (bit-identical gradients, about a
-    # quarter less activation memory for one more element-wise pass): auto = on for eager CUDA training, where
-    # memory is the limit; off on the CPU, where the pass costs time; inside torch.compile inductor decides.
-    recompute_norms: Literal["auto", "on", "off"] = "auto"
-    device: str = "auto"
-    status_kimg: float = 10.0  # status line interval
-    save_kimg: float = 100.0  # training-state + model export interval
-    sample_kimg: float = 500.0  # sample-grid interval (0 = off)
-    eval_kimg: float = 0.0  # FD evaluation interval (0 = off)
-    eval_metric: str = "lite0"
-    eval_n: int = 2000
-    max_bad_steps: int = 20  # consecutive non-finite steps before stopping
 
     _section = "train"
 
@@ -301,6 +290,32 @@ class TrainConfig(_Validated):
         r("accum", _int_in(self.accum, 1, 1 << 24) and self.batch % self.accum == 0,
           f"an integer >= 1 that divides train.batch ({self.batch})")
         r("seed", _int_in(self.seed, 0, 2**63 - 1), "an integer in [0, 2**63)")
+
+
+@dataclass(frozen=True)
+class RuntimeConfig(_Validated):
+    """How this invocation runs: device, kernels, reporting and saving. These may change between the invocations that
+    resume one run (a resume on another machine, a longer save interval) without changing what is trained."""
+
+    device: str = "auto"
+    compile: bool = False
+    tf32: bool = False  # TF32 for all fp32 convolutions/matmuls on CUDA (it rounds their inputs to 10 mantissa bits)
+    # Recompute GroupNorm + SiLU in backward instead of saving the norm output (bit-identical gradients, about a
+    # quarter less activation memory for one more element-wise pass): auto = on for eager CUDA training, where
+    # memory is the limit; off on the CPU, where the pass costs time; inside torch.compile inductor decides.
+    recompute_norms: Literal["auto", "on", "off"] = "auto"
+    status_kimg: float = 10.0  # status line interval
+    save_kimg: float = 100.0  # training-state + model export interval
+    sample_kimg: float = 500.0  # sample-grid interval (0 = off)
+    eval_kimg: float = 0.0  # FD evaluation interval (0 = off)
+    eval_metric: str = "lite0"
+    eval_n: int = 2000
+    max_bad_steps: int = 20  # consecutive non-finite steps before stopping
+
+    _section = "runtime"
+
+    def check(self) -> None:
+        r = self._require
         for name in ("status_kimg", "save_kimg", "sample_kimg", "eval_kimg"):
             r(name, _finite(getattr(self, name)) and getattr(self, name) >= 0, "a number >= 0")
         r("eval_n", _int_in(self.eval_n, 2, 1 << 24), "an integer >= 2 (a covariance needs 2 samples)")
@@ -317,6 +332,11 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """Every section but `runtime`, as JSON-able data: what a run's training state belongs to."""
+        return {k: v for k, v in to_dict(self).items() if k != "runtime"}
 
 
 @contextlib.contextmanager
@@ -347,6 +367,8 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 ABSENT_FIELD_VALUES: dict[str, dict[str, Any]] = {"ObjectiveConfig": {"loss_form": "weighted_l2"}}
 # Fields that older versions stored and that no longer exist; they changed nothing that was trained.
 RETIRED_FIELDS: dict[str, tuple[str, ...]] = {"TrainConfig": ("num_workers",)}
+# Fields that older versions stored in another section: (class, old section) -> new section.
+MOVED_FIELDS: dict[tuple[str, str], str] = {("RunConfig", "train"): "runtime"}
 
 
 def from_dict(cls: type, data: dict[str, Any], *, where: str = "config") -> Any:
@@ -357,6 +379,7 @@ def from_dict(cls: type, data: dict[str, Any], *, where: str = "config") -> Any:
         raise ValueError(f"{where}: expected a JSON object, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     data = {k: v for k, v in data.items() if k not in RETIRED_FIELDS.get(cls.__name__, ())}
+    data = _with_moved_fields(cls, data)
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ValueError(f"{where}: unknown field(s) {', '.join(unknown)} for {cls.__name__}")
@@ -377,6 +400,22 @@ def from_dict(cls: type, data: dict[str, Any], *, where: str = "config") -> Any:
         return cls(**kwargs)
     except ValueError as exc:  # a section's own check: say which file it came from
         raise ValueError(f"{where}: {exc}") from None
+
+
+def _with_moved_fields(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    """`data` with the fields that an older version kept in another section moved to their section (MOVED_FIELDS)."""
+    hints = _resolved_types(cls)
+    for (owner, old), new in MOVED_FIELDS.items():
+        if owner != cls.__name__ or not isinstance(data.get(old), dict):
+            continue
+        belongs = {f.name for f in dataclasses.fields(hints[new])}
+        moving = {k: v for k, v in data[old].items() if k in belongs}
+        if moving:
+            target = data.get(new, {})
+            if not isinstance(target, dict):
+                continue  # reported as a type error by the caller
+            data = {**data, old: {k: v for k, v in data[old].items() if k not in belongs}, new: {**moving, **target}}
+    return data
 
 
 def _has_type(value: Any, typ: Any) -> bool:

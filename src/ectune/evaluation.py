@@ -323,20 +323,20 @@ def evaluate_in_training(
     nimg: int,
     device: torch.device | str,
 ) -> dict[str, Any]:
-    """The training loop's periodic evaluation (every cfg.train.eval_kimg): FD of the EMA model, on every rank.
+    """The training loop's periodic evaluation (every cfg.runtime.eval_kimg): FD of the EMA model, on every rank.
 
-    Uses cfg.train.eval_metric and cfg.train.eval_n samples with the fixed seeds 0..eval_n-1, against the cached
+    Uses cfg.runtime.eval_metric and cfg.runtime.eval_n samples with the fixed seeds 0..eval_n-1, against the cached
     statistics of the training data. Consistency models report the 1-step FD as `metric_value` (2-step alongside);
     diffusion models report the Heun FD. Returns a JSON-able record with 'kimg', 'metric_name', 'metric_value'.
     """
-    ext = load_extractor(cfg.train.eval_metric, device=device)
+    ext = load_extractor(cfg.runtime.eval_metric, device=device)
     ref = reference_for_data(data, cfg.data.split, ext)
     diffusion = cfg.objective.kind == "diffusion"
     was_training = ema_model.training
     ema_model.eval()
     try:
         res = evaluate_model(ema_model, cfg, ref_stats=ref, extractor=ext, steps=() if diffusion else (1, 2),
-                             n=cfg.train.eval_n, seed=TRAINING_EVAL_SEED, heun=diffusion, device=device)
+                             n=cfg.runtime.eval_n, seed=TRAINING_EVAL_SEED, heun=diffusion, device=device)
     finally:
         ema_model.train(was_training)
     primary = "heun" if diffusion else "1step"

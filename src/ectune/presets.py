@@ -10,7 +10,7 @@ from dataclasses import replace
 from typing import Callable, Literal
 
 from .config import (
-    DataConfig, EMAConfig, ObjectiveConfig, OptimConfig, RunConfig, SampleConfig, TrainConfig,
+    DataConfig, EMAConfig, ObjectiveConfig, OptimConfig, RunConfig, RuntimeConfig, SampleConfig, TrainConfig,
 )
 from .nets import PAPER_CONFIGS, SMALL_CONFIGS
 
@@ -34,7 +34,8 @@ def _fashion_mnist(mode: Mode) -> RunConfig:
             net=net, data=data, sample=sample, objective=PRETRAIN_OBJECTIVE,
             optim=OptimConfig(name="radam", lr=1e-3, betas=(0.9, 0.99)),
             ema=EMAConfig(kind="halflife", halflife_kimg=10.0),
-            train=TrainConfig(total_kimg=48.0, batch=64, status_kimg=4.0, save_kimg=8.0, sample_kimg=48.0),
+            train=TrainConfig(total_kimg=48.0, batch=64),
+            runtime=RuntimeConfig(status_kimg=4.0, save_kimg=8.0, sample_kimg=48.0),
         )
     return RunConfig(
         net=net, data=data, sample=sample,
@@ -42,7 +43,8 @@ def _fashion_mnist(mode: Mode) -> RunConfig:
         objective=ObjectiveConfig(kind="ect", P_mean=-1.1, P_std=2.0, q=4.0, stages=2, weighting="inv_dt", p=0.5, c=0.0),
         optim=OptimConfig(name="radam", lr=2e-4, betas=(0.9, 0.99)),
         ema=EMAConfig(kind="halflife", halflife_kimg=5.0),
-        train=TrainConfig(total_kimg=24.0, batch=64, status_kimg=4.0, save_kimg=8.0, sample_kimg=24.0),
+        train=TrainConfig(total_kimg=24.0, batch=64),
+        runtime=RuntimeConfig(status_kimg=4.0, save_kimg=8.0, sample_kimg=24.0),
     )
 
 
@@ -54,7 +56,8 @@ def _cifar10(mode: Mode) -> RunConfig:
             net=net, data=data, objective=PRETRAIN_OBJECTIVE,
             optim=OptimConfig(name="adam", lr=1e-3, betas=(0.9, 0.999), warmup_kimg=10_000.0),
             ema=EMAConfig(kind="halflife", halflife_kimg=500.0),
-            train=TrainConfig(total_kimg=200_000.0, batch=512, save_kimg=2_500.0, sample_kimg=10_000.0, status_kimg=50.0),
+            train=TrainConfig(total_kimg=200_000.0, batch=512),
+            runtime=RuntimeConfig(save_kimg=2_500.0, sample_kimg=10_000.0, status_kimg=50.0),
         )
     return RunConfig(
         net=net, data=data,
@@ -62,7 +65,8 @@ def _cifar10(mode: Mode) -> RunConfig:
         optim=OptimConfig(name="radam", lr=1e-4, betas=(0.9, 0.999)),
         ema=EMAConfig(kind="fixed", beta=0.9999),
         sample=SampleConfig(mid_t=(0.821,)),
-        train=TrainConfig(total_kimg=12_800.0, batch=128, save_kimg=500.0, sample_kimg=1_000.0, status_kimg=50.0),
+        train=TrainConfig(total_kimg=12_800.0, batch=128),
+        runtime=RuntimeConfig(save_kimg=500.0, sample_kimg=1_000.0, status_kimg=50.0),
     )
 
 
@@ -74,7 +78,8 @@ def _cifar10_1hour(mode: Mode) -> RunConfig:
         cfg,
         objective=replace(cfg.objective, q=256.0, stages=1),  # r/t ≈ 0.99 from the start, one stage
         ema=EMAConfig(kind="fixed", beta=0.9993),
-        train=replace(cfg.train, total_kimg=1_024.0, save_kimg=128.0, sample_kimg=256.0, status_kimg=16.0),
+        train=replace(cfg.train, total_kimg=1_024.0),
+        runtime=replace(cfg.runtime, save_kimg=128.0, sample_kimg=256.0, status_kimg=16.0),
     )
 
 
@@ -101,7 +106,8 @@ def _imagenet64(size: str) -> Callable[[Mode], RunConfig]:
             net=net, data=data, optim=optim, ema=ema, sample=sample,
             objective=ObjectiveConfig(kind="ect", P_mean=-0.8, P_std=1.6, q=4.0, stages=4,
                                       weighting="inv_t2_plus_inv_sigma_data2", p=0.5, c=0.06),
-            train=TrainConfig(total_kimg=12_800.0, batch=128, save_kimg=500.0, sample_kimg=1_000.0, status_kimg=50.0),
+            train=TrainConfig(total_kimg=12_800.0, batch=128),
+        runtime=RuntimeConfig(save_kimg=500.0, sample_kimg=1_000.0, status_kimg=50.0),
         )
         if mode == "pretrain":  # the paper tunes from EDM2's checkpoints; this is the same net as a diffusion model
             cfg = replace(cfg, net=replace(net, dropout=0.0), objective=replace(PRETRAIN_OBJECTIVE, P_mean=-0.8, P_std=1.6))

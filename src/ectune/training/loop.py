@@ -61,7 +61,7 @@ def step_generator(seed: int, nimg: int, device: torch.device | str = "cpu") -> 
 
 def _row_multiple(cfg: RunConfig) -> int:
     """Target-pass rows are padded to a multiple of 8 when compiling, so the compiled graph sees few batch sizes."""
-    return 8 if cfg.train.compile else 1
+    return 8 if cfg.runtime.compile else 1
 
 
 def target_pass_rows(cfg: RunConfig, nimg: int) -> int:
@@ -93,7 +93,7 @@ def train(
 ) -> TrainResult:
     """Train (or resume) the run in `run_dir` to cfg.train.total_kimg (or `until_kimg`, whichever is first)."""
     sampling_boundary(cfg)  # a bad sample.sigma_min_shift stops here, not at the first sample grid
-    device = resolve_device(cfg.train.device)
+    device = resolve_device(cfg.runtime.device)
     dist = rt_dist.init_distributed(device.type)
     if dist.world_size > 1 and device.type == "cuda":
         device = torch.device(f"cuda:{dist.local_rank}")
@@ -126,7 +126,7 @@ def train(
     meter = StatsMeter(device)
     t0 = time.time()
     next_status, next_save, next_sample, next_eval = (
-        _next(nimg, k) for k in (cfg.train.status_kimg, cfg.train.save_kimg, cfg.train.sample_kimg, cfg.train.eval_kimg))
+        _next(nimg, k) for k in (cfg.runtime.status_kimg, cfg.runtime.save_kimg, cfg.runtime.sample_kimg, cfg.runtime.eval_kimg))
     bad_in_a_row = 0
     last_loss = math.nan
     last_save_nimg: int | None = None
@@ -147,7 +147,7 @@ def train(
         else:
             bad_in_a_row += 1
             skipped += 1
-            if bad_in_a_row >= cfg.train.max_bad_steps:
+            if bad_in_a_row >= cfg.runtime.max_bad_steps:
                 last = (f"the last save is {run.state} at {last_save_nimg / 1000:.3f} kimg" if last_save_nimg is not None
                         else "nothing was saved by this command")
                 raise TrainingError(
@@ -170,21 +170,21 @@ def train(
                 skipped_steps=skipped,
             ))
             t0 = time.time()
-            next_status = _next(nimg, cfg.train.status_kimg)
+            next_status = _next(nimg, cfg.runtime.status_kimg)
         if nimg >= next_save or done:
             save_checkpoint(run, cfg, net, opt, ema, nimg, skipped, is_main=dist.is_main)
-            last_save_nimg, next_save = nimg, _next(nimg, cfg.train.save_kimg)
-        if cfg.train.sample_kimg > 0 and (nimg >= next_sample or done):
+            last_save_nimg, next_save = nimg, _next(nimg, cfg.runtime.save_kimg)
+        if cfg.runtime.sample_kimg > 0 and (nimg >= next_sample or done):
             save_sample_grids(run, cfg, ema_model, ema, nimg, device, is_main=dist.is_main)
-            next_sample = _next(nimg, cfg.train.sample_kimg)
-        if cfg.train.eval_kimg > 0 and (nimg >= next_eval or done):
+            next_sample = _next(nimg, cfg.runtime.sample_kimg)
+        if cfg.runtime.eval_kimg > 0 and (nimg >= next_eval or done):
             from ..evaluation import evaluate_in_training
 
             ema_model.net.load_state_dict(ema.state_dict(0))
             record = evaluate_in_training(ema_model, cfg, data, nimg=nimg, device=device)  # all ranks take part
             if dist.is_main:
                 reporter.metric(record)
-            next_eval = _next(nimg, cfg.train.eval_kimg)
+            next_eval = _next(nimg, cfg.runtime.eval_kimg)
 
     reporter.close()
     rt_dist.barrier()
@@ -227,7 +227,7 @@ def training_step(
 
     set_step_precision(target_model, cfg, nimg, device)
     student_f, target_f = train_model, target_model
-    if cfg.train.compile and world == 1:  # under DDP only the network is compiled; its inputs are made inside f_θ
+    if cfg.runtime.compile and world == 1:  # under DDP only the network is compiled; its inputs are made inside f_θ
         student_f, target_f = with_batch_hint(train_model, dynamic=False), with_batch_hint(target_model, dynamic=True)
     step_guard = _step_guard(opt, target_model, device) if mode == "device" else None
     loss_sum = torch.zeros((), device=device)
@@ -272,7 +272,7 @@ def training_step(
 def step_precision(cfg: RunConfig, nimg: int, device: torch.device) -> Precision:
     """The precision `resolve_precision` picks for the step at `nimg`: by the largest r/t its stage can draw."""
     max_r_over_t = largest_r_over_t(cfg.objective, nimg=nimg, total_nimg=cfg.train.total_kimg * 1000)
-    return resolve_precision(cfg.train.precision, device, tf32=cfg.train.tf32, max_r_over_t=max_r_over_t)
+    return resolve_precision(cfg.train.precision, device, tf32=cfg.runtime.tf32, max_r_over_t=max_r_over_t)
 
 
 def set_step_precision(target_model: nn.Module, cfg: RunConfig, nimg: int, device: torch.device) -> None:
@@ -301,7 +301,7 @@ def restore(run: RunDir, cfg: RunConfig, net: nn.Module, opt: torch.optim.Optimi
     A new start normalises EDM2's weights before the first step (see below); a resume loads them as saved."""
     if run.state.exists():
         state = load_state(run.state, required=("net", "opt", "ema", "nimg", "skipped"))
-        if state.get("config_hash", run.config_hash(cfg)) != run.config_hash(cfg):
+        if not run.belongs_to(state.get("config_hash", run.config_hash(cfg)), cfg):
             raise CheckpointError(f"{run.state} belongs to another run (its config differs from {run.config}); "
                                   "move it away or use the run directory it came from")
         net.load_state_dict(state["net"], strict=True)
@@ -418,17 +418,17 @@ def _wrap_for_training(model: Precond, cfg: RunConfig, dist: rt_dist.Dist,
                        device: torch.device) -> tuple[nn.Module, Precond]:
     """(student f: compiled and/or DDP-wrapped, target f: the same weights without DDP's gradient hooks).
 
-    With cfg.train.compile a single process compiles the whole f_θ (preconditioning + network: the scalings,
+    With cfg.runtime.compile a single process compiles the whole f_θ (preconditioning + network: the scalings,
     the bf16 casts and the boundary select fuse with the network's first and last layers); under DDP only the
     network is compiled. The compiled module shares `model`'s parameters, so the optimiser, EMA and
     checkpoints (which hold `model.net`) are unaffected. Expect one graph for the student pass and one for
     the target pass, whose batch size varies with the number of r > 0 rows (`training_step` declares which is
     which: `with_batch_hint`). It also sets the network's norm recomputation for this device (`recompute_norms`).
     """
-    model.net.set_recompute_norms(recompute_norms(cfg.train.recompute_norms, device, compiled=cfg.train.compile))
-    if cfg.train.compile and dist.world_size == 1:
+    model.net.set_recompute_norms(recompute_norms(cfg.runtime.recompute_norms, device, compiled=cfg.runtime.compile))
+    if cfg.runtime.compile and dist.world_size == 1:
         target_model = torch.compile(model)  # an OptimizedModule: .net, .compute_dtype etc. reach `model`
-    elif cfg.train.compile:
+    elif cfg.runtime.compile:
         target_model = replace_precond(model, net=torch.compile(model.net))
     else:
         target_model = model
@@ -464,7 +464,7 @@ def with_batch_hint(f: Callable[..., Tensor], *, dynamic: bool) -> Callable[...,
 def recompute_norms(choice: str, device: torch.device, *, compiled: bool) -> bool:
     """Whether eager training recomputes GroupNorm + SiLU in backward (TrainConfig.recompute_norms)."""
     if choice not in ("auto", "on", "off"):
-        raise ValueError(f"--train.recompute-norms must be auto, on or off, got {choice!r}")
+        raise ValueError(f"--runtime.recompute-norms must be auto, on or off, got {choice!r}")
     return choice == "on" or (choice == "auto" and device.type == "cuda" and not compiled)
 
 

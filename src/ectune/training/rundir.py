@@ -16,12 +16,8 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from ..config import RunConfig, diff, from_dict, to_dict
+from ..config import RunConfig, RuntimeConfig, diff, from_dict, to_dict
 from ..runtime.checkpoint import atomic_write_text, read_model_meta
-
-# Fields that may change between invocations of one run without changing what is trained.
-RUNTIME_FIELDS = ("status_kimg", "save_kimg", "sample_kimg", "eval_kimg", "eval_metric", "eval_n",
-                  "device", "compile", "tf32", "recompute_norms", "max_bad_steps")
 
 
 class RunDir:
@@ -57,14 +53,13 @@ class RunDir:
         if stored is not None and not self.trained_anything():
             stored = None  # a start that failed before its first save (e.g. a typo in --data.path) binds nothing
         if stored is not None:
-            given = replace(cfg, train=replace(cfg.train, **{k: getattr(stored.train, k) for k in RUNTIME_FIELDS}))
-            conflicts = diff(given, stored)
+            conflicts = diff(replace(cfg, runtime=stored.runtime), stored)  # the runtime section may change
             if conflicts:
                 raise ValueError(
                     f"{self.root} already holds a run with a different config; refusing to mix them. Differing fields:\n  "
                     + "\n  ".join(conflicts) + "\nUse the same options to resume, or a new --run directory."
                 )
-            return replace(cfg, train=replace(stored.train, **{k: getattr(cfg.train, k) for k in RUNTIME_FIELDS}))
+            return cfg
         if is_main:
             record = {"command": command, "init": None if init is None else str(init), "config": to_dict(cfg)}
             atomic_write_text(self.config, json.dumps(record, indent=2))
@@ -118,9 +113,20 @@ class RunDir:
 
     @staticmethod
     def config_hash(cfg: RunConfig) -> str:
-        """What a training state is tied to: the config without the runtime fields that may change on resume."""
-        fixed = replace(cfg, train=replace(cfg.train, **{k: getattr(RunConfig().train, k) for k in RUNTIME_FIELDS}))
-        return hashlib.sha256(json.dumps(to_dict(fixed), sort_keys=True).encode()).hexdigest()[:16]
+        """What a training state is tied to: the config without its runtime section, which may change on resume."""
+        return _hash(cfg.hyperparameters())
+
+    @staticmethod
+    def belongs_to(state_hash: str, cfg: RunConfig) -> bool:
+        """Whether a training state with `state_hash` was saved by a run of `cfg`. States saved before the runtime
+        settings had their own section hashed them inside `train`, at their defaults; those resume too."""
+        legacy = cfg.hyperparameters()
+        legacy["train"] = {**legacy["train"], **to_dict(RuntimeConfig())}
+        return state_hash in (RunDir.config_hash(cfg), _hash(legacy))
+
+
+def _hash(data: dict) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _pid_alive(pid: int) -> bool:

@@ -14,7 +14,6 @@ Numbers are reported under the extractor's ``report_name`` ("FD-Lite0" for the o
 from __future__ import annotations
 
 import os
-import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from .metrics import (
 )
 from .model import sample_images
 from .runtime import distributed as rt_dist
+from .runtime.device import describe_hardware
 from .sampling import to_uint8
 
 __all__ = [
@@ -73,27 +73,6 @@ def load_extractor(metric: str, *, device: torch.device | str = "cpu", weights: 
     if key not in _EXTRACTOR_CACHE:
         _EXTRACTOR_CACHE[key] = get_extractor(metric, device=device, weights=weights)  # type: ignore[arg-type]
     return _EXTRACTOR_CACHE[key]
-
-
-def describe_hardware(device: torch.device | str) -> str:
-    """One line naming the accelerator (or CPU model and core count) and the torch version, for result files."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = _cpu_name()
-        name = f"CPU {name} ({os.cpu_count()} cores visible, {torch.get_num_threads()} torch threads)"
-    return f"{name}, torch {torch.__version__}, Python {platform.python_version()}"
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def reference_for_data(

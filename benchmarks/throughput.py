@@ -217,7 +217,7 @@ def bench_train(args: argparse.Namespace, cfg, data, device: torch.device, spec:
     dist = rt_dist.Dist()
     loss = loss_spec(cfg.objective, data_dim=math.prod(data.images.shape[1:]), sigma_data=cfg.precond.sigma_data)
     reset_peak_memory(device)
-    fast = FastPath(model, cfg, dist, device, guard=spec["guard"])
+    fast = FastPath(model, cfg, dist=dist, device=device, guard=spec["guard"])
     meter = IntervalMeter(device)
     model.train()
     B = cfg.train.batch

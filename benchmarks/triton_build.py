@@ -192,7 +192,7 @@ def trace_training_and_sampling(cfg) -> dict:
     labels = torch.randint(0, cfg.net.label_dim, (n,)) if cfg.net.label_dim else None
     data = ImageDataset(torch.randint(0, 256, (n, c, res, res), dtype=torch.uint8), labels, cfg.net.label_dim, "random")
     spec = loss_spec(cfg.objective, data_dim=c * res * res, sigma_data=cfg.precond.sigma_data)
-    fast = FastPath(model, cfg, dist, device, guard="sync")
+    fast = FastPath(model, cfg, dist=dist, device=device, guard="sync")
     model.train()
     steps = step_starts(cfg, sizes=2)
     for nimg, _ in steps:

@@ -110,7 +110,7 @@ def run_steps(cfg, guard: str, steps: int, poison_step: int = -1):
     model = build_model(cfg)
     opt = make_optimizer(cfg, list(model.net.parameters()), device)
     spec = loss_spec(cfg.objective, data_dim=cfg.net.img_resolution**2, sigma_data=0.5)
-    fast = FastPath(model, cfg, rt_dist.Dist(), device, guard=guard)
+    fast = FastPath(model, cfg, dist=rt_dist.Dist(), device=device, guard=guard)
     nimg, flags, losses = last_stage_nimg(cfg), [], []
     p0 = next(model.net.parameters())
     for i in range(steps):
@@ -254,7 +254,7 @@ def test_compiled_step_makes_one_static_student_and_one_dynamic_target_graph(mon
     model = build_model(cfg, compute_dtype=torch.float32)
     opt = make_optimizer(cfg, list(model.net.parameters()), dev)
     spec = loss_spec(cfg.objective, data_dim=3 * 32 * 32, sigma_data=0.5)
-    fast = FastPath(model, cfg, rt_dist.Dist(), dev, guard="sync")
+    fast = FastPath(model, cfg, dist=rt_dist.Dist(), device=dev, guard="sync")
     model.train()
     for nimg in _steps_with_target_rows(cfg, [first_rows, 24, first_rows]):
         training_step(fast=fast, opt=opt, data=data, cfg=cfg, spec=spec, nimg=nimg, dist=rt_dist.Dist())

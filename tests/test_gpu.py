@@ -106,8 +106,8 @@ def test_compiled_step_equals_eager_step(precision):
     eager = build_model(cfg, compute_dtype=dtype).to(dev).train()
     comp_model = build_model(cfg, compute_dtype=dtype).to(dev).train()
     comp_model.load_state_dict(eager.state_dict())
-    compiled = FastPath(comp_model, replace(cfg, runtime=replace(cfg.runtime, compile=True)), rt_dist.Dist(),
-                        dev).passes()
+    compiled = FastPath(comp_model, replace(cfg, runtime=replace(cfg.runtime, compile=True)), dist=rt_dist.Dist(),
+                        device=dev).passes()
     for seed in range(2):  # two target sizes: the dynamic-shape target graph is exercised too
         args = batch(cfg, dev, seed=seed, r_frac=0.5 + 0.3 * seed)
         le, ge = loss_and_grads(eager, list(eager.parameters()), *args)
@@ -130,7 +130,7 @@ def test_same_dropout_mask_under_compile(precision):
     cfg = small_cfg(dropout=0.3, precision=precision)
     torch.manual_seed(0)
     model = build_model(cfg, compute_dtype=torch.bfloat16 if precision == "bf16" else torch.float32).to(dev).train()
-    f = FastPath(model, replace(cfg, runtime=replace(cfg.runtime, compile=True)), rt_dist.Dist(), dev).target
+    f = FastPath(model, replace(cfg, runtime=replace(cfg.runtime, compile=True)), dist=rt_dist.Dist(), device=dev).target
     x0, t, _, eps, keys = batch(cfg, dev)
     kw = LossSpec(weighting="one", p=0.0, c=0.0)
     same = consistency_loss(f, x0, t, t.clone(), eps, dropout_key=keys, spec=kw)
@@ -172,7 +172,7 @@ def test_r_zero_rows_skip_target_pass_and_no_bf16_reaches_the_loss():
     cfg = small_cfg(precision="bf16", compile=True)
     torch.manual_seed(0)
     model = build_model(cfg, compute_dtype=torch.bfloat16).to(dev).train()
-    fast = FastPath(model, cfg, rt_dist.Dist(), dev)
+    fast = FastPath(model, cfg, dist=rt_dist.Dist(), device=dev)
     train_f, counter = fast.student, CountingTarget(fast.target)
     x0, t, r, eps, keys = batch(cfg, dev, r_frac=0.4)
     need = int((r > 0).sum())
@@ -201,7 +201,7 @@ def test_device_guard_on_cuda_skips_bad_steps_without_host_sync():
     torch.manual_seed(0)
     model = build_model(cfg, compute_dtype=torch.bfloat16).to(dev)
     opt = make_optimizer(cfg, list(model.net.parameters()), dev)
-    fast = FastPath(model, cfg, rt_dist.Dist(), dev)
+    fast = FastPath(model, cfg, dist=rt_dist.Dist(), device=dev)
     assert fast.guard_mode == "device"
     spec = loss_spec(cfg.objective, data_dim=3 * 32 * 32, sigma_data=0.5)
     model.train()
@@ -243,7 +243,7 @@ def test_dataset_resident_on_gpu_gives_the_same_batch():
     data = random_data(cfg)
     idx = torch.tensor([5, 3, 3, 60, 0])
     cfg = replace(cfg, runtime=replace(cfg.runtime, device="cuda"))
-    fast = FastPath(build_model(cfg).cuda(), cfg, rt_dist.Dist(), torch.device("cuda"))
+    fast = FastPath(build_model(cfg).cuda(), cfg, dist=rt_dist.Dist(), device=torch.device("cuda"))
     images, labels = fast.load_rows(data, idx)
     assert images.is_cuda and labels is None
     assert torch.equal(images.cpu(), load_batch(data, idx)[0])

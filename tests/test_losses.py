@@ -119,13 +119,13 @@ def test_keyed_dropout_fast_path_matches_int64_reference_and_is_uniform():
 
     key = torch.tensor([0, 1, 2**31 - 2, 123456789])
     shape = torch.Size([4, 3, 17, 5])  # odd elements per row: the last hash gives one draw
-    fast = keyed_uniform(key, 7, shape, torch.device("cpu"))
+    fast = keyed_uniform(key, 7, shape, device=torch.device("cpu"))
     assert torch.equal(fast, keyed_uniform_reference(key, 7, shape))
-    u = keyed_uniform(torch.arange(256), 1, torch.Size([256, 4096]), torch.device("cpu"))
+    u = keyed_uniform(torch.arange(256), 1, torch.Size([256, 4096]), device=torch.device("cpu"))
     assert abs(u.mean().item() - 0.5) < 1e-3 and abs(u.std().item() - 12**-0.5) < 1e-3
     assert abs(torch.corrcoef(torch.stack([u[:, 0::2].flatten(), u[:, 1::2].flatten()]))[0, 1].item()) < 0.01
     assert not torch.equal(u[0], u[1])
-    assert not torch.equal(keyed_uniform(key, 8, shape, torch.device("cpu")), fast)  # salt matters
+    assert not torch.equal(keyed_uniform(key, 8, shape, device=torch.device("cpu")), fast)  # salt matters
 
 
 def test_keyed_draws_are_the_same_from_the_int16_view_and_from_the_traced_path(monkeypatch):
@@ -135,9 +135,9 @@ def test_keyed_draws_are_the_same_from_the_int16_view_and_from_the_traced_path(m
 
     key, cpu = torch.tensor([5, 2**31 - 2, 0]), torch.device("cpu")
     for shape in (torch.Size([3, 2, 5, 7]), torch.Size([3, 4, 8, 8])):
-        viewed = keyed_int16(key, 11, shape, cpu)
+        viewed = keyed_int16(key, 11, shape, device=cpu)
         monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-        traced = keyed_int16(key, 11, shape, cpu)
+        traced = keyed_int16(key, 11, shape, device=cpu)
         monkeypatch.undo()
         assert viewed.dtype == traced.dtype == torch.int16 and torch.equal(viewed, traced)
 
@@ -160,7 +160,7 @@ def test_keyed_keep_mask_is_exactly_uniform_at_least_p():
     from ectune.nets.dropout import drop_threshold, keyed_int16, keyed_uniform_reference
 
     key, shape, cpu = torch.tensor([0, 9, 2**31 - 2]), torch.Size([3, 2, 11, 7]), torch.device("cpu")
-    draws = keyed_int16(key, 3, shape, cpu)
+    draws = keyed_int16(key, 3, shape, device=cpu)
     grid = torch.arange(65536, dtype=torch.float32) / 65536
     u = keyed_uniform_reference(key, 3, shape)
     drawn = u.flatten()[:40]
@@ -179,7 +179,7 @@ def test_keyed_dropout_compiles_to_the_same_numbers():
 
     key = torch.tensor([3, 2**31 - 2, 77])
     shape = torch.Size([3, 64, 16, 16])
-    compiled = torch.compile(keyed_uniform, dynamic=False)(key, 5, shape, torch.device("cpu"))
+    compiled = torch.compile(keyed_uniform, dynamic=False)(key, 5, shape, device=torch.device("cpu"))
     assert torch.equal(compiled, keyed_uniform_reference(key, 5, shape))
     layer = KeyedDropout(0.2).train()
     layer.salt = 5

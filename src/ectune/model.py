@@ -82,6 +82,6 @@ def sample_images(
     for i in range(0, len(seeds), batch):
         labels = None if class_labels is None else class_labels[i : i + batch].to(device)
         out.append(
-            generate(model, seeds[i : i + batch], shape, sigmas, method=method, class_labels=labels, device=device).cpu()
+            generate(model, seeds[i : i + batch], shape, sigmas=sigmas, method=method, class_labels=labels, device=device).cpu()
         )
     return torch.cat(out)

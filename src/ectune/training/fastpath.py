@@ -43,7 +43,7 @@ class FastPath:
     single-process CUDA default); "auto" chooses.
     """
 
-    def __init__(self, model: Precond, cfg: RunConfig, dist: Dist, device: torch.device, *, guard: str = "auto") -> None:
+    def __init__(self, model: Precond, cfg: RunConfig, *, dist: Dist, device: torch.device, guard: str = "auto") -> None:
         self.device, self.world_size = device, dist.world_size
         self.compiled = cfg.runtime.compile
         self.guard_mode = guard_mode(guard, device, dist.world_size)

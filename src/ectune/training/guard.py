@@ -109,7 +109,7 @@ class DeviceStepGuard:
         if not self.grads_attached():
             # Something replaced .grad (e.g. a hook or DDP): the flat buffer does not hold the gradients.
             self._warn("parameter .grad tensors were replaced; this step used the host-synchronising guard")
-            return StepFlag(self._sync_step(opt, loss_sum, grad_clip))
+            return StepFlag(self._sync_step(opt, loss_sum, grad_clip=grad_clip))
         norm = torch.linalg.vector_norm(self.flat)
         good = torch.isfinite(norm) & torch.isfinite(loss_sum.to(self.device))
         self.flat.masked_fill_(~good, 0.0)  # NaN-safe: a bad step's gradients become zeros
@@ -118,7 +118,7 @@ class DeviceStepGuard:
             self.flat.mul_(scale)
         tensors = self._state_tensors(opt)
         if tensors is None:
-            return StepFlag(self._sync_step(opt, loss_sum, grad_clip, checked=good))
+            return StepFlag(self._sync_step(opt, loss_sum, grad_clip=grad_clip, checked=good))
         if self._backup is None or len(self._backup) != len(tensors) or any(
                 b.shape != t.shape or b.dtype != t.dtype for b, t in zip(self._backup, tensors)):
             self._backup = [torch.empty_like(t) for t in tensors]
@@ -155,7 +155,7 @@ class DeviceStepGuard:
                     out.append(v)
         return out
 
-    def _sync_step(self, opt: torch.optim.Optimizer, loss_sum: Tensor, grad_clip: float,
+    def _sync_step(self, opt: torch.optim.Optimizer, loss_sum: Tensor, *, grad_clip: float,
                    checked: Tensor | None = None) -> Tensor:
         self.sync_steps += 1
         grads = [p.grad for p in self.params if p.grad is not None]

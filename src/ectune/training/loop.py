@@ -73,7 +73,7 @@ def train(
     nimg, skipped = restore(run, cfg, net=net, opt=opt, ema=ema, init=init)
     rt_dist.check_same_across_ranks(nimg, what=f"images seen in {run.state}")
     freeze_unused_parameters(net)
-    fast = FastPath(model, cfg, dist, device)
+    fast = FastPath(model, cfg, dist=dist, device=device)
     spec = loss_spec(cfg.objective, data_dim=cfg.net.img_channels * cfg.net.img_resolution**2,
                      sigma_data=cfg.precond.sigma_data)
     ema_model = build_model(cfg).to(device).eval()
@@ -106,7 +106,7 @@ def train(
         else:
             bad_in_a_row, skipped = bad_in_a_row + 1, skipped + 1
             if bad_in_a_row >= rt.max_bad_steps:
-                raise _too_many_bad_steps(bad_in_a_row, nimg, run, last_save)
+                raise _too_many_bad_steps(bad_in_a_row, nimg=nimg, run=run, last_save=last_save)
         meter.add(step.loss_sum, cfg.train.batch, step.r_over_t)
         reporter.advance(min(nimg, stop_nimg) / 1000)
 
@@ -190,7 +190,7 @@ def _processes(cfg: RunConfig) -> tuple[rt_dist.Dist, torch.device]:
     return dist, device
 
 
-def _too_many_bad_steps(count: int, nimg: int, run: RunDir, last_save: int | None) -> TrainingError:
+def _too_many_bad_steps(count: int, *, nimg: int, run: RunDir, last_save: int | None) -> TrainingError:
     last = (f"the last save is {run.state} at {last_save / 1000:.3f} kimg" if last_save is not None
             else "nothing was saved by this command")
     return TrainingError(f"{count} consecutive steps had non-finite losses, gradients or updated weights at "

@@ -61,7 +61,7 @@ def training_step(
     shape = (cfg.net.img_channels, cfg.net.img_resolution, cfg.net.img_resolution)
     eps = torch.randn((B, *shape), generator=step_generator(cfg.train.seed, nimg, device), device=device)
 
-    apply_step_precision(fast.model, cfg, nimg, device)
+    apply_step_precision(fast.model, cfg, nimg=nimg, device=device)
     passes, guard = fast.passes(), fast.step_guard(opt)
     if guard is not None:
         guard.zero_grads()
@@ -110,7 +110,7 @@ def step_precision(cfg: RunConfig, nimg: int, device: torch.device) -> Precision
     return resolve_precision(cfg.train.precision, device, tf32=cfg.runtime.tf32, max_r_over_t=max_r_over_t)
 
 
-def apply_step_precision(model: nn.Module, cfg: RunConfig, nimg: int, device: torch.device) -> None:
+def apply_step_precision(model: nn.Module, cfg: RunConfig, *, nimg: int, device: torch.device) -> None:
     """Run the step at `nimg` in `step_precision`. Under "auto" on CUDA ("staged") this changes at most twice per
     run, at the ECT stages where r/t gets too close to 1 for bf16 and then for TF32; a compiled f_θ compiles its
     two graphs again at each change."""

@@ -181,6 +181,12 @@ def test_hf_references_resolve_offline_from_the_cache(tmp_path, monkeypatch, cap
         assert missing in err and words in err and len(err.strip().splitlines()) == 1
     assert main(["sample", "hf://", "--out", str(out)]) == 1
     assert "expected hf://OWNER/NAME" in capsys.readouterr().err
+    # tune --init takes the architecture from the Hub model; export names it as the base model.
+    assert main(["tune", "--preset", "fashion-mnist", "--init", "hf://me/tiny-ecm", "--dry-run"]) == 0
+    assert json.loads(capsys.readouterr().out)["config"]["net"]["img_resolution"] == 8
+    assert main(["export", "hf://me/tiny-ecm@main", str(tmp_path / "again")]) == 0
+    meta = front_matter(tmp_path / "again" / "README.md")
+    assert meta["base_model"] == "me/tiny-ecm" and meta["license"] == "mit"
 
 
 def test_push_uploads_the_exported_folder(tmp_path, monkeypatch, capsys):

@@ -177,7 +177,7 @@ def render_card(info: CardInfo) -> str:
     s = sampler_defaults(cfg)
     dataset = hub_dataset(cfg, info.extra)
     lines = ["---", *to_yaml(front_matter(info)), "---", "", f"# {info.name}", "",
-             f"An {cond} {kind} trained with [ectune](https://pypi.org/project/ectune/) (Easy Consistency Tuning, "
+             f"An {cond} {kind} trained with ectune (Easy Consistency Tuning, "
              "*Consistency Models Made Easy*, Geng et al.).", "",
              "| | |", "|---|---|",
              f"| network | {net.arch}, {net.img_resolution}×{net.img_resolution}×{net.img_channels}, "

@@ -15,7 +15,7 @@ OPTIONS = {
                  "--objective.q", "--net.dropout", "--runtime.compile", "--runtime.no-compile"],
     "tune": ["--init", "--objective", "--run-dir", "--until-kimg", "--objective.kind", "--sample.mid-t"],
     "sample": ["MODEL", "--steps", "--mid-t", "--method", "--sigma-min-shift", "--n", "--seed", "--class", "--batch",
-               "--device", "--out", "--force"],
+               "--device", "--out", "--force", "--init-image", "--t", "--strength"],
     "info": ["PATH"],
     "convert-images": ["SRC", "DEST", "--resolution", "--channels"],
     "eval": ["MODEL", "--metric", "--steps", "--heun", "--n", "--seed", "--mid-t", "--sigma-min-shift", "--search-mid-t",
@@ -24,6 +24,8 @@ OPTIONS = {
     "ref-stats": ["--preset", "--metric", "--weights", "--cache-dir", "--max-images", "--batch", "--device",
                   "--data.source", "--data.path"],
     "import-edm": ["PICKLE", "--out", "--kind", "--preset", "--sigma-min-shift"],
+    "export": ["MODEL", "DIR", "--format", "--name", "--repo", "--license", "--force"],
+    "push": ["MODEL", "--repo", "--format", "--private", "--revision", "--message", "--license"],
 }
 
 

@@ -11,6 +11,8 @@ from torch import Tensor
 from .config import RunConfig
 from .nets import build_net
 from .precond import Precond, replace_precond
+from .hub.refs import resolve_model_path
+from .img2img import img2img_sample, img2img_sigmas
 from .runtime.checkpoint import CheckpointError, load_model_weights, read_model_meta
 from .sampling import generate
 from .schedules import consistency_sigmas, heun_sigmas
@@ -28,7 +30,9 @@ def build_model(cfg: RunConfig, *, compute_dtype: torch.dtype = torch.float32) -
 
 
 def load_model(path: Path | str, *, device: torch.device | str = "cpu") -> tuple[Precond, RunConfig, dict[str, Any]]:
-    """An exported model (file or run directory) in eval mode, with its config and extra metadata."""
+    """An exported model (file, run directory, Hub-style folder or `hf://OWNER/NAME[@REVISION]`) in eval mode, with
+    its config and extra metadata."""
+    path = resolve_model_path(path)  # hf:// -> its folder in the local hub cache (downloaded once)
     cfg, extra = read_model_meta(path)
     model = build_model(cfg)
     weights = load_model_weights(path)
@@ -62,16 +66,26 @@ def sample_images(
     class_labels: Tensor | None = None,
     batch: int = 256,
     device: torch.device | str = "cpu",
+    init_images: Tensor | None = None,
+    t_start: float | None = None,
 ) -> Tensor:
     """Float images in [-1, 1] for per-sample seeds, in batches (results do not depend on `batch`).
 
     Consistency sampling evaluates `model` with the boundary `sampling_boundary(cfg)` (sharing its weights); the
-    Heun sampler of diffusion models uses `model` as it is."""
+    Heun sampler of diffusion models uses `model` as it is. With `init_images` ([N or 1, C, H, W] in [-1, 1]) it is
+    image-to-image sampling (`ectune.img2img`): each image noised to `t_start`, then `steps` consistency steps."""
     shape = (cfg.net.img_channels, cfg.net.img_resolution, cfg.net.img_resolution)
+    if init_images is not None:
+        if method != "consistency" or t_start is None:
+            raise ValueError("image-to-image sampling needs the consistency method and a starting time t_start")
+        init_images = init_images.expand(len(seeds), *shape)
     if cfg.net.label_dim and class_labels is None:
         # Class of sample i follows from its seed, so it is batch-independent too.
         class_labels = seeds % cfg.net.label_dim
-    if method == "consistency":
+    if init_images is not None:
+        sigmas = img2img_sigmas(t_start, steps, cfg.sample.mid_t if mid_t is None else mid_t, explicit=mid_t is not None,
+                                t_max=cfg.sample.t_max)
+    elif method == "consistency":
         sigmas = consistency_sigmas(steps, t_max=cfg.sample.t_max, mid_t=cfg.sample.mid_t if mid_t is None else mid_t)
     else:
         sigmas = heun_sigmas(cfg.sample.heun_steps, sigma_min=cfg.sample.sigma_min, sigma_max=cfg.sample.t_max,
@@ -81,6 +95,10 @@ def sample_images(
     out = []
     for i in range(0, len(seeds), batch):
         labels = None if class_labels is None else class_labels[i : i + batch].to(device)
+        if init_images is not None:
+            out.append(img2img_sample(model, init_images[i : i + batch], seeds[i : i + batch], sigmas,
+                                      class_labels=labels, device=device).cpu())
+            continue
         out.append(
             generate(model, seeds[i : i + batch], shape, sigmas=sigmas, method=method, class_labels=labels, device=device).cpu()
         )

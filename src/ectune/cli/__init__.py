@@ -20,6 +20,8 @@ COMMANDS = {
     "eval": "eval",
     "ref-stats": "ref_stats",
     "import-edm": "import_edm",
+    "export": "export",
+    "push": "push",
 }
 
 

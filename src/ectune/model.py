@@ -96,7 +96,7 @@ def sample_images(
     for i in range(0, len(seeds), batch):
         labels = None if class_labels is None else class_labels[i : i + batch].to(device)
         if init_images is not None:
-            out.append(img2img_sample(model, init_images[i : i + batch], seeds[i : i + batch], sigmas,
+            out.append(img2img_sample(model, init_images[i : i + batch], seeds[i : i + batch], sigmas=sigmas,
                                       class_labels=labels, device=device).cpu())
             continue
         out.append(

@@ -11,6 +11,7 @@ import pytest
 from ectune.cli import COMMANDS, main
 
 OPTIONS = {
+    "demo": ["--minutes", "--runs", "--pretrain-kimg", "--tune-kimg", "--quiet"],
     "pretrain": ["--preset", "--run-dir", "--run", "--dry-run", "--until-kimg", "--quiet", "--train.total-kimg",
                  "--objective.q", "--net.dropout", "--runtime.compile", "--runtime.no-compile"],
     "tune": ["--init", "--objective", "--run-dir", "--until-kimg", "--objective.kind", "--sample.mid-t"],

@@ -12,6 +12,7 @@ from .. import __version__
 # Command -> the module of this package that runs it (its `run(command, argv)`), imported only when it runs, so
 # `ectune info` does not pay for the training loop or the feature extractors.
 COMMANDS = {
+    "demo": "demo",
     "pretrain": "train",
     "tune": "train",
     "sample": "sample",

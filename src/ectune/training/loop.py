@@ -26,7 +26,7 @@ from ..runtime import distributed as rt_dist
 from ..runtime.device import peak_memory_gb, resolve_device
 from ..sampling import to_uint8
 from .fastpath import FastPath
-from .report import IntervalMeter, Reporter
+from .report import IntervalMeter, JobProgress, Reporter
 from .rundir import RunDir
 from .state import check_data_matches, freeze_unused_parameters, restore, save_checkpoint
 from .step import make_optimizer, set_learning_rate, step_precision, training_step
@@ -53,8 +53,10 @@ def train(
     command: str = "train",
     until_kimg: float | None = None,
     show_progress: bool = True,
+    job: JobProgress | None = None,
 ) -> TrainResult:
-    """Train (or resume) the run in `run_dir` to cfg.train.total_kimg (or `until_kimg`, whichever is first)."""
+    """Train (or resume) the run in `run_dir` to cfg.train.total_kimg (or `until_kimg`, whichever is first).
+    Progress shows on its own bar, or as the phase `command` of `job`'s bar."""
     started = time.time()
     sampling_boundary(cfg)  # a bad sample.sigma_min_shift stops here, not at the first sample grid
     dist, device = _processes(cfg)
@@ -81,7 +83,7 @@ def train(
     total_nimg = int(cfg.train.total_kimg * 1000)
     stop_nimg = total_nimg if until_kimg is None else min(total_nimg, int(until_kimg * 1000))
     reporter = Reporter(run.root, total_kimg=stop_nimg / 1000, start_kimg=nimg / 1000, enabled=dist.is_main,
-                        progress=show_progress)
+                        progress=show_progress, job=job, phase=command)
     reporter.log(f"{command}: {count_params(net) / 1e6:.2f}M parameters, {len(data)} images ({data.description}), "
                  f"device {device}, {dist.world_size} process(es), starting at {nimg / 1000:.1f} kimg")
     rt = cfg.runtime

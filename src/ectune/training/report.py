@@ -16,15 +16,58 @@ from ..runtime import distributed as rt_dist
 from ..runtime.checkpoint import atomic_write
 
 
+class JobProgress:
+    """One progress bar over the phases of a job (the demo: pretraining, tuning, sampling), counted in estimated
+    seconds of work, so that its time left covers the whole job and corrects itself if the machine runs slower or
+    faster than estimated. The bar names the phase and its images/s."""
+
+    def __init__(self, estimates: dict[str, float], *, enabled: bool = True) -> None:
+        self.estimates = estimates
+        self.total, self.done = sum(estimates.values()), 0.0  # estimated seconds of work: all, done
+        self.bar = tqdm(total=round(self.total, 1), disable=not enabled, dynamic_ncols=True, leave=False,
+                        bar_format="job {percentage:3.0f}%|{bar}| {desc} [{elapsed}, {remaining} left]")
+        self.phase_name, self.phase_total, self.phase_first, self.phase_done = "", 1.0, 0.0, 0.0
+        self.phase_start = time.time()
+
+    def start(self, name: str, *, total_kimg: float, start_kimg: float = 0.0) -> None:
+        """Begin phase `name` of `total_kimg` (estimated as `estimates[name]` seconds); work already done by an
+        earlier, interrupted run of the job leaves the bar's total."""
+        self.phase_name, self.phase_total, self.phase_first, self.phase_done = name, total_kimg, start_kimg, start_kimg
+        self.phase_start = time.time()
+        if start_kimg > 0 and total_kimg > 0:
+            self.total -= self.estimates[name] * start_kimg / total_kimg
+            self.bar.total = round(self.total, 1)
+        self.bar.set_description_str(name)
+
+    def advance(self, kimg: float) -> None:
+        """The phase has reached `kimg`."""
+        work = self.estimates[self.phase_name] * (kimg - self.phase_done) / max(self.phase_total, 1e-9)
+        self.done += work
+        self.bar.update(work)
+        self.phase_done = kimg
+        rate = (kimg - self.phase_first) * 1000 / max(time.time() - self.phase_start, 1e-9)
+        self.bar.set_description_str(f"{self.phase_name} {kimg:.1f}/{self.phase_total:.1f} kimg, {rate:.0f} img/s",
+                                     refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 class Reporter:
-    """Collects per-interval statistics and writes them. Every method is a no-op on ranks other than 0."""
+    """Collects per-interval statistics and writes them. Every method is a no-op on ranks other than 0.
+
+    Progress goes to its own bar (`progress`), or to one phase of a `job`'s bar."""
 
     def __init__(self, run_dir: Path, *, total_kimg: float, start_kimg: float, enabled: bool = True,
-                 progress: bool = True) -> None:
-        self.run_dir, self.enabled, self.progress = run_dir, enabled, progress
+                 progress: bool = True, job: JobProgress | None = None, phase: str = "") -> None:
+        self.run_dir, self.enabled, self.progress = run_dir, enabled, progress or job is not None
         self.stats_path, self.log_path = run_dir / "stats.jsonl", run_dir / "log.txt"
-        self.bar = tqdm(total=round(total_kimg, 3), initial=round(start_kimg, 3), unit="kimg", disable=not (enabled and progress),
-                        dynamic_ncols=True, leave=False, bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} kimg [{elapsed}<{remaining}]")
+        self.job = job if enabled else None
+        self.bar = tqdm(total=round(total_kimg, 3), initial=round(start_kimg, 3), unit="kimg",
+                        disable=not (enabled and progress) or job is not None, dynamic_ncols=True, leave=False,
+                        bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} kimg [{elapsed}<{remaining}]")
+        if self.job is not None:
+            self.job.start(phase, total_kimg=total_kimg, start_kimg=start_kimg)
         self.last_kimg = start_kimg
         self.start_time = time.time()
 
@@ -39,6 +82,8 @@ class Reporter:
         if self.enabled:
             self.bar.update(round(kimg - self.last_kimg, 3))
             self.last_kimg = kimg
+            if self.job is not None:
+                self.job.advance(kimg)
 
     def status(self, stats: dict[str, Any]) -> None:
         """One status line plus a stats.jsonl record; refreshes the loss plot."""

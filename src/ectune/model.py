@@ -62,11 +62,16 @@ def sample_images(
     class_labels: Tensor | None = None,
     batch: int = 256,
     device: torch.device | str = "cpu",
+    decode: bool = True,
+    guidance: float = 1.0,
+    guide: Precond | None = None,
 ) -> Tensor:
     """Float images in [-1, 1] for per-sample seeds, in batches (results do not depend on `batch`).
 
     Consistency sampling evaluates `model` with the boundary `sampling_boundary(cfg)` (sharing its weights); the
-    Heun sampler of diffusion models uses `model` as it is."""
+    Heun sampler of diffusion models uses `model` as it is. A latent model (cfg.data.vae set) returns images decoded
+    by that VAE, or with decode=False its latents. guidance = w != 1 samples f_g + w·(f − f_g)
+    (`ectune.guidance.GuidedDenoiser`: the unconditional label as f_g, or the model `guide`; 2 NFE per step)."""
     shape = (cfg.net.img_channels, cfg.net.img_resolution, cfg.net.img_resolution)
     if cfg.net.label_dim and class_labels is None:
         # Class of sample i follows from its seed, so it is batch-independent too.
@@ -76,12 +81,22 @@ def sample_images(
     else:
         sigmas = heun_sigmas(cfg.sample.heun_steps, sigma_min=cfg.sample.sigma_min, sigma_max=cfg.sample.t_max,
                              rho=cfg.sample.rho)
+    f: torch.nn.Module = model
     if method == "consistency" and sampling_boundary(cfg) != model.sigma_min_shift:
-        model = replace_precond(model, sigma_min_shift=sampling_boundary(cfg))
+        f = replace_precond(model, sigma_min_shift=sampling_boundary(cfg))
+        if guide is not None:
+            guide = replace_precond(guide, sigma_min_shift=sampling_boundary(cfg))
+    if guidance != 1.0 or guide is not None:
+        from .guidance import GuidedDenoiser
+
+        f = GuidedDenoiser(f, weight=guidance, guide=guide)
     out = []
     for i in range(0, len(seeds), batch):
         labels = None if class_labels is None else class_labels[i : i + batch].to(device)
-        out.append(
-            generate(model, seeds[i : i + batch], shape, sigmas, method=method, class_labels=labels, device=device).cpu()
-        )
+        x = generate(f, seeds[i : i + batch], shape, sigmas, method=method, class_labels=labels, device=device)
+        if cfg.data.vae and decode:
+            from .latents import decode_to_images
+
+            x = decode_to_images(x, cfg.data, device=device)
+        out.append(x.cpu())
     return torch.cat(out)

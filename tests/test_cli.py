@@ -15,15 +15,17 @@ OPTIONS = {
                  "--objective.q", "--net.dropout", "--runtime.compile", "--runtime.no-compile"],
     "tune": ["--init", "--objective", "--run-dir", "--until-kimg", "--objective.kind", "--sample.mid-t"],
     "sample": ["MODEL", "--steps", "--mid-t", "--method", "--sigma-min-shift", "--n", "--seed", "--class", "--batch",
-               "--device", "--out", "--force"],
+               "--device", "--out", "--force", "--guidance", "--guide", "--latents"],
     "info": ["PATH"],
     "convert-images": ["SRC", "DEST", "--resolution", "--channels"],
     "eval": ["MODEL", "--metric", "--steps", "--heun", "--n", "--seed", "--mid-t", "--sigma-min-shift", "--search-mid-t",
              "--search-n", "--search-iters", "--search-range", "--pr", "--pr-n", "--ref-max", "--out", "--weights",
-             "--cache-dir", "--batch", "--device"],
+             "--cache-dir", "--batch", "--device", "--ref"],
     "ref-stats": ["--preset", "--metric", "--weights", "--cache-dir", "--max-images", "--batch", "--device",
                   "--data.source", "--data.path"],
     "import-edm": ["PICKLE", "--out", "--kind", "--preset", "--sigma-min-shift"],
+    "encode-latents": ["IMAGES", "OUT", "--resolution", "--vae", "--latent-mean", "--latent-std", "--store-posterior",
+                       "--shard-size", "--batch", "--device"],
 }
 
 

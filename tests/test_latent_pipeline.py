@@ -65,6 +65,8 @@ def test_encode_tune_sample_decode_and_fd(tmp_path: Path, capsys: pytest.Capture
                  "--data.vae", str(vae), *TINY_LATENT, "--train.total-kimg", "0.016", "--train.batch", "4",
                  "--runtime.status-kimg", "0.008", "--runtime.save-kimg", "0.016", "--runtime.sample-kimg", "0.016",
                  "--runtime.device", "cpu", "--quiet"]) == 0
+    assert main(["tune", "--preset", "imagenet512-xxs", "--runtime.eval-kimg", "1", "--dry-run"]) == 1
+    assert "ectune eval MODEL --ref IMAGES" in capsys.readouterr().err
     model, cfg, extra = load_model(run)
     assert extra["nimg"] == 16 and cfg.data.vae == str(vae) and cfg.net.img_channels == 4
     grid = Image.open(run / "samples-1step.png")  # the loop's sample grids are decoded images

@@ -31,7 +31,6 @@ import math
 import sys
 import time
 from dataclasses import dataclass, replace
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -41,7 +40,7 @@ from throughput import bench_data
 from ectune.config import RunConfig
 from ectune.data import to_model_input
 from ectune.evaluation import describe_hardware
-from ectune.losses import largest_r_over_t, objective_loss_kwargs, stage_nimg
+from ectune.objectives import LossSpec, largest_r_over_t, loss_spec, stage_nimg
 from ectune.model import build_model, load_model
 from ectune.nets import SMALL_CONFIGS
 from ectune.precond import Precision, Precond, replace_precond, resolve_precision
@@ -112,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     recipe = get_preset(a.preset, "tune")
     f, cfg = load_f(a, recipe, device)
     x0, t, eps, keys = draw_rows(a, cfg, recipe, device)
-    loss_kwargs = objective_loss_kwargs(recipe.objective, data_dim=x0[0].numel(), sigma_data=cfg.precond.sigma_data)
+    spec = loss_spec(recipe.objective, data_dim=x0[0].numel(), sigma_data=cfg.precond.sigma_data)
     common = dict(device=describe_hardware(device), model=a.model or f"{a.preset} {a.net or 'preset'} net, random init",
                   preset=a.preset, n=a.n)
 
@@ -122,14 +121,14 @@ def main(argv: list[str] | None = None) -> int:
         r = ratio * t
         with cuda_tf32(False):
             ref_delta = delta(f, x0, t, r, eps, dropout_key=keys)
-            ref_grad = loss_gradient(f, x0, t, r, eps, dropout_key=keys, loss_kwargs=loss_kwargs)
+            ref_grad = loss_gradient(f, x0, t, r, eps, dropout_key=keys, spec=spec)
         default = resolve_precision("auto", device, tf32=False, max_r_over_t=ratio)
         on_cuda = resolve_precision("auto", "cuda", tf32=False, max_r_over_t=ratio)
         noise: dict[Mode, Tensor] = {}  # per forward precision: loss scaling changes only the gradient
         for name in modes:
             mode = MODES[name]
             t1 = time.perf_counter()
-            rec = measure(mode, f, x0, t, r, eps, keys, loss_kwargs, ref_delta, ref_grad, device, noise)
+            rec = measure(mode, f, x0, t, r, eps, keys, spec, ref_delta, ref_grad, device, noise)
             if rec is None:
                 continue
             rec["seconds"] = round(time.perf_counter() - t1, 1)
@@ -168,7 +167,7 @@ def draw_rows(a: argparse.Namespace, cfg: RunConfig, recipe: RunConfig,
 
 
 def measure(mode: Mode, f: Precond, x0: Tensor, t: Tensor, r: Tensor, eps: Tensor, keys: Tensor,
-            loss_kwargs: dict[str, Any], ref_delta: Tensor, ref_grad: Tensor, device: torch.device,
+            spec: LossSpec, ref_delta: Tensor, ref_grad: Tensor, device: torch.device,
             noise: dict[Mode, Tensor]) -> dict | None:
     """The mode's noise ratio (median, p90) and gradient cosine against the fp32 reference; None if n/a here.
     `noise` caches the per-row noise ratios of each forward precision across calls."""
@@ -182,10 +181,10 @@ def measure(mode: Mode, f: Precond, x0: Tensor, t: Tensor, r: Tensor, eps: Tenso
             noise[forward] = delta_noise_ratio(delta(f_mode, x0, t, r, eps, dropout_key=keys), ref_delta)
         ratios = noise[forward]
         scale = 2.0**8 if mode.loss_scale else 1.0
-        grad = loss_gradient(f_mode, x0, t, r, eps, dropout_key=keys, loss_kwargs=loss_kwargs, loss_scale=scale)
+        grad = loss_gradient(f_mode, x0, t, r, eps, dropout_key=keys, spec=spec, loss_scale=scale)
         while mode.loss_scale and not torch.isfinite(grad).all() and scale > 1:
             scale /= 2  # GradScaler's back-off: a scale that overflows is halved
-            grad = loss_gradient(f_mode, x0, t, r, eps, dropout_key=keys, loss_kwargs=loss_kwargs, loss_scale=scale)
+            grad = loss_gradient(f_mode, x0, t, r, eps, dropout_key=keys, spec=spec, loss_scale=scale)
     q = ratios.double().quantile(torch.tensor([0.5, 0.9], dtype=torch.float64, device=ratios.device)).tolist()
     rec = dict(noise_ratio=_sig(q[0]), noise_ratio_p90=_sig(q[1]), grad_cosine=round(cosine(grad, ref_grad), 6),
                grad_finite=bool(torch.isfinite(grad).all()))

@@ -30,7 +30,7 @@ from paper_table import SIZES, pretrain, tune_and_eval
 from ectune.config import RunConfig
 from ectune.data import open_dataset
 from ectune.evaluation import describe_hardware, load_extractor, reference_for_data
-from ectune.losses import largest_r_over_t, stage_nimg
+from ectune.objectives import largest_r_over_t, stage_nimg
 from ectune.precond import resolve_precision
 from ectune.runtime.checkpoint import atomic_write_text, read_model_meta
 from ectune.runtime.precision import tf32_mode

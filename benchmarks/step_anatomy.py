@@ -52,7 +52,7 @@ class OpTally(TorchDispatchMode):
         return out
 
 
-def measure(model, x0: torch.Tensor, t: torch.Tensor, r: torch.Tensor, loss_kwargs: dict, label_dim: int) -> dict:
+def measure(model, x0: torch.Tensor, t: torch.Tensor, r: torch.Tensor, spec, label_dim: int) -> dict:
     """Kernels, bytes per operation and saved-for-backward bytes of one loss + backward."""
     from ectune.losses import consistency_loss
 
@@ -70,7 +70,7 @@ def measure(model, x0: torch.Tensor, t: torch.Tensor, r: torch.Tensor, loss_kwar
     tally = OpTally()
     with tally:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            loss = consistency_loss(model, x0, t, r, eps, class_labels=labels, dropout_key=key, **loss_kwargs)
+            loss = consistency_loss(model, x0, t, r, eps, class_labels=labels, dropout_key=key, spec=spec)
         loss.sum().backward()
     model.zero_grad(set_to_none=True)
     return {"ops": dict(tally.ops), "saved": sum(storages.values())}
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default="", help="also write the figures to this file")
     a = p.parse_args(argv)
 
-    from ectune.losses import draw_t_r, objective_loss_kwargs
+    from ectune.objectives import draw_t_r, loss_spec
     from ectune.model import build_model
     from ectune.nets import count_params
     from ectune.presets import get_preset
@@ -107,14 +107,14 @@ def main(argv: list[str] | None = None) -> int:
     model.net.set_recompute_norms(a.recompute_norms)
     shape = (cfg.net.img_channels, cfg.net.img_resolution, cfg.net.img_resolution)
     total = cfg.train.total_kimg * 1000
-    loss_kwargs = objective_loss_kwargs(cfg.objective, data_dim=math.prod(shape), sigma_data=cfg.precond.sigma_data)
+    spec = loss_spec(cfg.objective, data_dim=math.prod(shape), sigma_data=cfg.precond.sigma_data)
     sizes = [int(b) for b in a.batches.split(",")]
     runs = []
     for n in sizes:
         t, r = draw_t_r(cfg.objective, n=n, nimg=int(total) - n, total_nimg=total, generator=torch.Generator().manual_seed(1))
         r = torch.where(r > 0, r, 0.5 * t)  # every row runs the target pass, as in the last stage
         x0 = torch.rand((n, *shape), generator=torch.Generator().manual_seed(2)) * 2 - 1
-        runs.append(measure(model, x0, t, r, loss_kwargs, cfg.net.label_dim))
+        runs.append(measure(model, x0, t, r, spec, cfg.net.label_dim))
     slope = per_image(runs[0], runs[1], sizes[0], sizes[1])
 
     def is_compute(name: str) -> bool:

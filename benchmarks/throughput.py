@@ -88,12 +88,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"throughput.py: unknown mode(s) {unknown}", file=sys.stderr)
         return 2
 
-    from ectune.runtime.perf import device_name, matmul_peak_tflops
+    from ectune.runtime.device import describe_hardware
+    from measure import matmul_peak_tflops
 
     t_start = time.perf_counter()
     cfg = bench_config(args, tiny)
     data = bench_data(args, cfg)
-    common = dict(gpu=device_name(device), torch=torch.__version__, preset=args.preset, batch=args.batch,
+    common = dict(gpu=describe_hardware(device), torch=torch.__version__, preset=args.preset, batch=args.batch,
                   data=args.data, cuda=torch.version.cuda)
     peak = matmul_peak_tflops(device, n=256 if tiny else 8192, iters=3 if tiny else 20)
     emit(args, dict(mode="matmul-peak", tflops=round(peak, 1), dtype="bfloat16", n=256 if tiny else 8192, **common))
@@ -178,7 +179,7 @@ def bench_data(args: argparse.Namespace, cfg):
 
 def start_nimg(args: argparse.Namespace, cfg) -> int:
     """The first image of the timed ECT stage (the last one by default: r > 0 for almost every row)."""
-    from ectune.losses import stage_nimg
+    from ectune.objectives import stage_nimg
 
     obj = cfg.objective
     if obj.kind != "ect":
@@ -192,15 +193,15 @@ def start_nimg(args: argparse.Namespace, cfg) -> int:
 
 def bench_train(args: argparse.Namespace, cfg, data, device: torch.device, spec: dict, peak_tflops: float) -> dict:
     from ectune.ema import EMA
-    from ectune.losses import objective_loss_kwargs
     from ectune.model import build_model
     from ectune.nets import count_params
+    from ectune.objectives import loss_spec
     from ectune.runtime import distributed as rt_dist
-    from ectune.runtime.perf import StepFlag, Stopwatch, forward_flops, peak_memory_gb, reset_peak_memory
-    from ectune.training.loop import (
-        StatsMeter, _wrap_for_training, make_optimizer, recompute_norms, set_learning_rate,
-        target_pass_rows, training_step,
-    )
+    from ectune.runtime.device import peak_memory_gb, reset_peak_memory
+    from ectune.training.fastpath import FastPath, recompute_norms, target_pass_rows
+    from ectune.training.report import IntervalMeter
+    from ectune.training.step import make_optimizer, set_learning_rate, training_step
+    from measure import Stopwatch, forward_flops
 
     cfg = replace(cfg, train=replace(cfg.train, precision=spec["precision"]),
                   runtime=replace(cfg.runtime, tf32=spec["tf32"], compile=spec["compile"]))
@@ -214,11 +215,10 @@ def bench_train(args: argparse.Namespace, cfg, data, device: torch.device, spec:
     opt = make_optimizer(cfg, list(net.parameters()), device)
     ema = EMA(net, cfg.ema)
     dist = rt_dist.Dist()
-    loss_kwargs = objective_loss_kwargs(cfg.objective, data_dim=math.prod(data.images.shape[1:]),
-                                        sigma_data=cfg.precond.sigma_data)
+    loss = loss_spec(cfg.objective, data_dim=math.prod(data.images.shape[1:]), sigma_data=cfg.precond.sigma_data)
     reset_peak_memory(device)
-    train_model, target_model = _wrap_for_training(model, cfg, dist, device)
-    meter = StatsMeter(device)
+    fast = FastPath(model, cfg, dist=dist, device=device, guard=spec["guard"])
+    meter = IntervalMeter(device)
     model.train()
     B = cfg.train.batch
     nimg = start_nimg(args, cfg)
@@ -242,18 +242,17 @@ def bench_train(args: argparse.Namespace, cfg, data, device: torch.device, spec:
     def one_step() -> None:
         nonlocal nimg
         lr = set_learning_rate(opt, cfg, nimg)
-        loss_sum, r_over_t, flag = training_step(train_model, target_model, opt, data, cfg, nimg, dist, device,
-                                                 loss_kwargs, guard=spec["guard"])
-        if spec["lag"] and isinstance(flag, StepFlag):
-            pending.append(flag)
+        step = training_step(fast=fast, opt=opt, data=data, cfg=cfg, spec=loss, nimg=nimg, dist=dist)
+        if spec["lag"]:
+            pending.append(step.kept)
             while len(pending) > 1:  # read the previous step's flag: long done, no wait
                 settle(pending.pop(0))
         else:
-            settle(flag)
+            settle(step.kept)
         net.normalize_weights_()
         nimg += B
         ema.update(net, nimg=nimg, batch=B)
-        meter.add(loss_sum, B, r_over_t)
+        meter.add(step.loss_sum, B, step.r_over_t)
         del lr
 
     counters = _dynamo_counters()
@@ -276,7 +275,7 @@ def bench_train(args: argparse.Namespace, cfg, data, device: torch.device, spec:
     if args.profile:
         profile_steps(one_step, device, os.path.join(args.profile, f"profile-{spec['name']}.txt"))
         drain()
-    loss = meter.summary(dist)["loss"]
+    mean_loss = meter.summary()["loss"]
     peak_gb = peak_memory_gb(device)
 
     s_per_step = elapsed / args.steps
@@ -284,7 +283,7 @@ def bench_train(args: argparse.Namespace, cfg, data, device: torch.device, spec:
     x1 = torch.randn(2, cfg.net.img_channels, cfg.net.img_resolution, cfg.net.img_resolution, device=device)
     fwd = forward_flops(model, x1, torch.full((2,), 1.0, device=device)) / 2  # per image
     flops = fwd * (3 * B * args.steps + rows)  # student fwd + bwd (≈ 2× fwd) + target fwd on r > 0 rows
-    guard = getattr(opt, "_ectune_step_guard", None)
+    guard = fast.step_guard(opt)
     return dict(
         img_per_s=round(B * args.steps / elapsed, 1), s_per_step=round(s_per_step, 5),
         mfu=round(flops / elapsed / (peak_tflops * 1e12), 4), model_tflops=round(flops / elapsed / 1e12, 1),
@@ -292,7 +291,7 @@ def bench_train(args: argparse.Namespace, cfg, data, device: torch.device, spec:
         compile_s=round(max(warm_s - args.warmup * s_per_step, 0.0), 1) if spec["compile"] else 0.0,
         first_step_s=round(first_s, 2), warmup_steps=args.warmup, timed_steps=args.steps,
         target_row_fraction=round(rows / (B * args.steps), 3), fwd_gflop_per_img=round(fwd / 1e9, 2),
-        start_kimg=round(first_timed / 1000, 1), loss=round(loss, 5), skipped_steps=state["skipped"],
+        start_kimg=round(first_timed / 1000, 1), loss=round(mean_loss, 5), skipped_steps=state["skipped"],
         guard_sync_steps=None if guard is None else guard.sync_steps, graphs_compiled_during_timing=graphs_during,
         params=count_params(net), recompute_norms=recompute_norms(cfg.runtime.recompute_norms, device,
                                                                    compiled=spec["compile"]),
@@ -320,7 +319,8 @@ def profile_steps(one_step, device: torch.device, path: str, steps: int = 3) -> 
 def bench_sampling(args: argparse.Namespace, cfg, device: torch.device, peak_tflops: float, tiny: bool) -> list[dict]:
     from ectune.model import build_model, sample_images
     from ectune.nets import count_params
-    from ectune.runtime.perf import Stopwatch, forward_flops, peak_memory_gb, reset_peak_memory
+    from ectune.runtime.device import peak_memory_gb, reset_peak_memory
+    from measure import Stopwatch, forward_flops
 
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True

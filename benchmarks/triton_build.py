@@ -164,7 +164,7 @@ def step_starts(cfg, sizes: int) -> list[tuple[int, int]]:
     """Images-seen values whose target pass has `sizes` different batch sizes of at least 16, with those sizes.
     (On the CPU, torch.compile guards its convolution backend choice on batch < 16, which would add a CPU-only
     graph.)"""
-    from ectune.training.loop import target_pass_rows
+    from ectune.training.fastpath import target_pass_rows
 
     total, found = int(cfg.train.total_kimg * 1000), {}
     for nimg in range(0, total, max(total // 400, 1)):
@@ -178,10 +178,11 @@ def step_starts(cfg, sizes: int) -> list[tuple[int, int]]:
 
 def trace_training_and_sampling(cfg) -> dict:
     from ectune.data import ImageDataset
-    from ectune.losses import objective_loss_kwargs
     from ectune.model import build_model
+    from ectune.objectives import loss_spec
     from ectune.runtime import distributed as rt_dist
-    from ectune.training.loop import _wrap_for_training, make_optimizer, training_step
+    from ectune.training.fastpath import FastPath
+    from ectune.training.step import make_optimizer, training_step
 
     device, dist = torch.device("cpu"), rt_dist.Dist()
     torch.manual_seed(0)
@@ -190,12 +191,12 @@ def trace_training_and_sampling(cfg) -> dict:
     c, res, n = cfg.net.img_channels, cfg.net.img_resolution, 4 * cfg.train.batch
     labels = torch.randint(0, cfg.net.label_dim, (n,)) if cfg.net.label_dim else None
     data = ImageDataset(torch.randint(0, 256, (n, c, res, res), dtype=torch.uint8), labels, cfg.net.label_dim, "random")
-    loss_kwargs = objective_loss_kwargs(cfg.objective, data_dim=c * res * res, sigma_data=cfg.precond.sigma_data)
-    train_model, target_model = _wrap_for_training(model, cfg, dist, device)
+    spec = loss_spec(cfg.objective, data_dim=c * res * res, sigma_data=cfg.precond.sigma_data)
+    fast = FastPath(model, cfg, dist=dist, device=device, guard="sync")
     model.train()
     steps = step_starts(cfg, sizes=2)
     for nimg, _ in steps:
-        training_step(train_model, target_model, opt, data, cfg, nimg, dist, device, loss_kwargs, guard="sync")
+        training_step(fast=fast, opt=opt, data=data, cfg=cfg, spec=spec, nimg=nimg, dist=dist)
     model.eval()
     with torch.no_grad():
         x = torch.randn(cfg.train.batch, c, res, res) * 80.0

@@ -252,7 +252,7 @@ def random_data(cfg, n: int = 64):
 
 
 def last_stage_nimg(cfg) -> int:
-    from ectune.losses import stage_nimg
+    from ectune.objectives import stage_nimg
 
     return int(math.ceil(stage_nimg(cfg.objective, cfg.train.total_kimg * 1000) * (cfg.objective.stages - 1)))
 
@@ -269,6 +269,16 @@ def cpu_has_bf16() -> bool:
     except RuntimeError:
         return False
 
+
+def load_benchmark(name: str):
+    """The module benchmarks/<name>.py (the benchmarks are scripts, not a package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 # ---------------------------------------------------------------------------------------------- latent models
 

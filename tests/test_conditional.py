@@ -153,7 +153,8 @@ def _unit_rms_rows(w: torch.Tensor) -> torch.Tensor:
 def test_training_setup_normalises_edm2_weights_but_not_on_resume(tmp_path: Path) -> None:
     from ectune.ema import EMA
     from ectune.runtime.checkpoint import save_model, save_state
-    from ectune.training.loop import make_optimizer, restore
+    from ectune.training.state import restore
+    from ectune.training.step import make_optimizer
     from ectune.training.rundir import RunDir
 
     cfg = _edm2_cfg()
@@ -168,7 +169,7 @@ def test_training_setup_normalises_edm2_weights_but_not_on_resume(tmp_path: Path
         if start is not None:
             net.load_state_dict(start)
         opt, ema = make_optimizer(cfg, list(net.parameters()), torch.device("cpu")), EMA(net, cfg.ema)
-        nimg, _ = restore(RunDir(tmp_path / run_name), cfg, net, opt, ema, init_path, torch.device("cpu"))
+        nimg, _ = restore(RunDir(tmp_path / run_name), cfg, net=net, opt=opt, ema=ema, init=init_path)
         return net, ema, nimg
 
     # --init and a fresh start: before any step, every MPLinear row has unit RMS, and the EMA starts from them.

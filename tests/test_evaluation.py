@@ -207,13 +207,13 @@ def test_distributed_split_matches_one_process(tiny_model, fake_extractor, monke
     model, cfg, _ = load_model(tiny_model)
     ext = evaluation.load_extractor("lite0")
     seeds = torch.arange(7)
-    full, feats = evaluation._generator_stats(model, cfg, seeds, ext, steps=1, mid_t=None, method="consistency",
+    full, feats = evaluation._generator_stats(model, cfg, seeds, extractor=ext, steps=1, mid_t=None, method="consistency",
                                               device="cpu", batch=4, keep_features=5)
     parts = []
     for rank in (0, 1):
         monkeypatch.setattr(evaluation.rt_dist, "rank_and_world", lambda rank=rank: (rank, 2))
         monkeypatch.setattr(evaluation.FeatureStats, "all_reduce_", lambda self: self)
-        stats, _ = evaluation._generator_stats(model, cfg, seeds, ext, steps=1, mid_t=None, method="consistency",
+        stats, _ = evaluation._generator_stats(model, cfg, seeds, extractor=ext, steps=1, mid_t=None, method="consistency",
                                                device="cpu", batch=4)
         parts.append(stats)
     merged = parts[0].merge(parts[1])

@@ -15,15 +15,17 @@ import pytest
 import torch
 from torch import nn
 
-from ectune.losses import objective_loss_kwargs
 from ectune.model import build_model
 from ectune.nets import SMALL_CONFIGS
+from ectune.objectives import loss_spec
 from ectune.presets import get_preset
 from ectune.runtime import distributed as rt_dist
-from ectune.runtime.perf import DeviceStepGuard, StepFlag, forward_flops, make_state_capturable, matmul_peak_tflops
-from ectune.training import loop
+from ectune.training import fastpath, loop, step
+from ectune.training.fastpath import FastPath, guard_mode, target_pass_rows
+from ectune.training.guard import DeviceStepGuard, StepFlag, make_state_capturable
+from ectune.training.step import make_optimizer, training_step
 
-from conftest import last_stage_nimg, opt_state_snapshot, random_data, small_cfg, with_fields
+from conftest import last_stage_nimg, load_benchmark, opt_state_snapshot, random_data, small_cfg, with_fields
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_CUDA = torch.cuda.is_available()
@@ -106,14 +108,16 @@ def run_steps(cfg, guard: str, steps: int, poison_step: int = -1):
     data = random_data(cfg, 32)
     torch.manual_seed(0)
     model = build_model(cfg)
-    opt = loop.make_optimizer(cfg, list(model.net.parameters()), device)
-    kw = objective_loss_kwargs(cfg.objective, data_dim=cfg.net.img_resolution**2, sigma_data=0.5)
+    opt = make_optimizer(cfg, list(model.net.parameters()), device)
+    spec = loss_spec(cfg.objective, data_dim=cfg.net.img_resolution**2, sigma_data=0.5)
+    fast = FastPath(model, cfg, dist=rt_dist.Dist(), device=device, guard=guard)
     nimg, flags, losses = last_stage_nimg(cfg), [], []
     p0 = next(model.net.parameters())
     for i in range(steps):
         hook = p0.register_hook(lambda g: g * float("nan")) if i == poison_step else None
         before = opt_state_snapshot(opt, list(model.net.parameters()))
-        loss_sum, _, flag = loop.training_step(model, model, opt, data, cfg, nimg, rt_dist.Dist(), device, kw, guard=guard)
+        result = training_step(fast=fast, opt=opt, data=data, cfg=cfg, spec=spec, nimg=nimg, dist=rt_dist.Dist())
+        loss_sum, flag = result.loss_sum, result.kept
         if hook is not None:
             hook.remove()
             after = opt_state_snapshot(opt, list(model.net.parameters()))
@@ -122,37 +126,37 @@ def run_steps(cfg, guard: str, steps: int, poison_step: int = -1):
         flags.append(bool(flag))
         losses.append(float(loss_sum))
         nimg += cfg.train.batch
-    return model, opt, flags, losses
+    return model, fast.step_guard(opt), flags, losses
 
 
 def test_training_step_device_guard_equals_sync_guard_on_cpu():
     cfg = tiny_train_cfg()
     m_sync, _, f_sync, l_sync = run_steps(cfg, "sync", 4, poison_step=2)
-    m_dev, opt_dev, f_dev, l_dev = run_steps(cfg, "device", 4, poison_step=2)
+    m_dev, guard, f_dev, l_dev = run_steps(cfg, "device", 4, poison_step=2)
     assert f_sync == f_dev == [True, True, False, True]
     assert l_sync == l_dev
     for (k, a), b in zip(m_sync.net.state_dict().items(), m_dev.net.state_dict().values()):
         assert torch.equal(a, b), k
-    assert opt_dev._ectune_step_guard.sync_steps == 1  # RAdam's first step only (on the CPU its counter is host-side)
+    assert guard.sync_steps == 1  # RAdam's first step only (on the CPU its counter is host-side)
 
 
 def test_training_step_rejects_unknown_guard():
     with pytest.raises(ValueError, match="guard must be"):
-        loop._guard_mode("maybe", torch.device("cpu"), 1)
+        guard_mode("maybe", torch.device("cpu"), 1)
     with pytest.raises(ValueError, match="single-process"):
-        loop._guard_mode("device", torch.device("cpu"), 2)
-    assert loop._guard_mode("auto", torch.device("cpu"), 1) == "sync"
-    assert loop._guard_mode("auto", torch.device("cuda"), 1) == "device"
-    assert loop._guard_mode("auto", torch.device("cuda"), 2) == "sync"
+        guard_mode("device", torch.device("cpu"), 2)
+    assert guard_mode("auto", torch.device("cpu"), 1) == "sync"
+    assert guard_mode("auto", torch.device("cuda"), 1) == "device"
+    assert guard_mode("auto", torch.device("cuda"), 2) == "sync"
 
 
 def test_train_counts_and_stops_on_bad_steps_with_device_guard(tmp_path, monkeypatch):
     """train() consumes StepFlags like bools: bad steps are counted and it stops after max_bad_steps in a row."""
     from ectune.data import ImageDataset
 
-    monkeypatch.setattr(loop, "_guard_mode", lambda guard, device, world: "device")
-    real_loss = loop.consistency_loss
-    monkeypatch.setattr(loop, "consistency_loss", lambda *a, **k: real_loss(*a, **k) * float("nan"))
+    monkeypatch.setattr(fastpath, "guard_mode", lambda guard, device, world: "device")
+    real_loss = step.consistency_loss
+    monkeypatch.setattr(step, "consistency_loss", lambda *a, **k: real_loss(*a, **k) * float("nan"))
     imgs = torch.randint(0, 256, (64, 1, 28, 28), dtype=torch.uint8)
     monkeypatch.setattr(loop, "open_dataset", lambda cfg: ImageDataset(
         torch.nn.functional.pad(imgs, (2, 2, 2, 2)).contiguous(), None, 0, "random 1x32x32"))
@@ -162,6 +166,8 @@ def test_train_counts_and_stops_on_bad_steps_with_device_guard(tmp_path, monkeyp
 
 
 def test_perf_helpers_on_cpu():
+    measure = load_benchmark("measure")
+    matmul_peak_tflops, forward_flops = measure.matmul_peak_tflops, measure.forward_flops
     assert matmul_peak_tflops("cpu", n=64, iters=2, warmup=1) > 0
     lin = nn.Linear(8, 4, bias=False)
     assert forward_flops(lin, torch.randn(3, 8)) == 2 * 3 * 8 * 4
@@ -221,7 +227,7 @@ def _steps_with_target_rows(cfg, sizes: list[int]) -> list[int]:
     """Images-seen values whose target pass has each of `sizes` rows, in that order."""
     total, found = int(cfg.train.total_kimg * 1000), {}
     for nimg in range(0, total, total // 2000):
-        found.setdefault(loop.target_pass_rows(cfg, nimg), nimg)
+        found.setdefault(target_pass_rows(cfg, nimg), nimg)
     return [found[n] for n in sizes]
 
 
@@ -246,12 +252,12 @@ def test_compiled_step_makes_one_static_student_and_one_dynamic_target_graph(mon
     cfg = replace(cfg, net=replace(SMALL_CONFIGS["tiny"], img_channels=3, attn_resolutions=(16,), dropout=0.2))
     data, dev = random_data(cfg), torch.device("cpu")
     model = build_model(cfg, compute_dtype=torch.float32)
-    opt = loop.make_optimizer(cfg, list(model.net.parameters()), dev)
-    kw = objective_loss_kwargs(cfg.objective, data_dim=3 * 32 * 32, sigma_data=0.5)
-    train_f, target_f = loop._wrap_for_training(model, cfg, rt_dist.Dist(), dev)
+    opt = make_optimizer(cfg, list(model.net.parameters()), dev)
+    spec = loss_spec(cfg.objective, data_dim=3 * 32 * 32, sigma_data=0.5)
+    fast = FastPath(model, cfg, dist=rt_dist.Dist(), device=dev, guard="sync")
     model.train()
     for nimg in _steps_with_target_rows(cfg, [first_rows, 24, first_rows]):
-        loop.training_step(train_f, target_f, opt, data, cfg, nimg, rt_dist.Dist(), dev, kw, guard="sync")
+        training_step(fast=fast, opt=opt, data=data, cfg=cfg, spec=spec, nimg=nimg, dist=rt_dist.Dist())
     assert graphs == [("grad", "static"), ("no grad", "dynamic")]  # the student pass runs first
     torch._dynamo.reset()
 

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from ectune.config import ObjectiveConfig
-from ectune.losses import consistency_loss, draw_t_r, objective_loss_kwargs
+from ectune.losses import consistency_loss
+from ectune.objectives import draw_t_r, loss_spec
 from ectune.precond import Precond
 
 S = 0.5
@@ -47,7 +48,7 @@ def test_ect_from_the_ideal_denoiser_learns_the_exact_one_step_map() -> None:
     f = Precond(GainNet(), sigma_data=S).train()
     # The CIFAR-10 recipe's schedule (q = 2, 8 stages from a pretrained model), shortened.
     obj = ObjectiveConfig(kind="ect", q=2.0, stages=8, weighting="inv_dt", p=0.5, c=0.0)
-    kw = objective_loss_kwargs(obj, data_dim=4, sigma_data=S)
+    kw = loss_spec(obj, data_dim=4, sigma_data=S)
     opt = torch.optim.Adam(f.parameters(), lr=2e-3)
     batch, steps = 512, 2400
     g = torch.Generator().manual_seed(1)
@@ -57,7 +58,7 @@ def test_ect_from_the_ideal_denoiser_learns_the_exact_one_step_map() -> None:
         t, r = draw_t_r(obj, n=batch, nimg=step * batch, total_nimg=steps * batch, generator=g)
         x0 = S * torch.randn(batch, 1, 2, 2, generator=g)
         eps = torch.randn(batch, 1, 2, 2, generator=g)
-        loss = consistency_loss(f, x0, t, r, eps, dropout_key=torch.zeros(batch, dtype=torch.long), **kw)
+        loss = consistency_loss(f, x0, t, r, eps, dropout_key=torch.zeros(batch, dtype=torch.long), spec=kw)
         opt.zero_grad()
         loss.mean().backward()
         opt.step()

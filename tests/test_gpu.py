@@ -15,11 +15,13 @@ import pytest
 import torch
 from torch import nn
 
-from ectune.losses import consistency_loss, objective_loss_kwargs
+from ectune.losses import Passes, consistency_loss
 from ectune.model import build_model
+from ectune.objectives import LossSpec, loss_spec
 from ectune.runtime import distributed as rt_dist
-from ectune.runtime.perf import StepFlag
-from ectune.training import loop
+from ectune.training.fastpath import FastPath
+from ectune.training.guard import StepFlag
+from ectune.training.step import make_optimizer, training_step
 
 from conftest import last_stage_nimg, opt_state_snapshot, random_data, small_cfg
 
@@ -40,10 +42,10 @@ def batch(cfg, device, n: int = 16, seed: int = 0, r_frac: float = 0.9):
     return x0, t, r, eps, keys
 
 
-def loss_and_grads(f, params, x0, t, r, eps, keys, **kw):
+def loss_and_grads(f, params, x0, t, r, eps, keys, spec=LossSpec(weighting="inv_dt", p=0.5, c=0.0)):
     for p in params:
         p.grad = None
-    loss = consistency_loss(f, x0, t, r, eps, dropout_key=keys, **kw)
+    loss = consistency_loss(f, x0, t, r, eps, dropout_key=keys, spec=spec)
     loss.sum().backward()
     return loss.detach(), [p.grad.detach().clone() for p in params]
 
@@ -64,9 +66,8 @@ def test_bf16_loss_and_grads_match_fp32():
     m16 = build_model(cfg, compute_dtype=torch.bfloat16).to(dev).train()
     m16.load_state_dict(m32.state_dict())
     args = batch(cfg, dev)
-    kw = dict(weighting="inv_dt", p=0.5, c=0.0)
-    l32, g32 = loss_and_grads(m32, list(m32.parameters()), *args, **kw)
-    l16, g16 = loss_and_grads(m16, list(m16.parameters()), *args, **kw)
+    l32, g32 = loss_and_grads(m32, list(m32.parameters()), *args)
+    l16, g16 = loss_and_grads(m16, list(m16.parameters()), *args)
     assert l16.dtype == torch.float32 and torch.isfinite(l16).all()
     assert rel(l16, l32) < 3e-2
     assert rel(torch.cat([g.flatten() for g in g16]), torch.cat([g.flatten() for g in g32])) < 5e-2
@@ -105,13 +106,12 @@ def test_compiled_step_equals_eager_step(precision):
     eager = build_model(cfg, compute_dtype=dtype).to(dev).train()
     comp_model = build_model(cfg, compute_dtype=dtype).to(dev).train()
     comp_model.load_state_dict(eager.state_dict())
-    _, compiled = loop._wrap_for_training(comp_model, replace(cfg, runtime=replace(cfg.runtime, compile=True)),
-                                          rt_dist.Dist(), dev)
+    compiled = FastPath(comp_model, replace(cfg, runtime=replace(cfg.runtime, compile=True)), dist=rt_dist.Dist(),
+                        device=dev).passes()
     for seed in range(2):  # two target sizes: the dynamic-shape target graph is exercised too
         args = batch(cfg, dev, seed=seed, r_frac=0.5 + 0.3 * seed)
-        kw = dict(weighting="inv_dt", p=0.5, c=0.0, row_multiple=8)
-        le, ge = loss_and_grads(eager, list(eager.parameters()), *args, **kw)
-        lc, gc = loss_and_grads(compiled, list(comp_model.parameters()), *args, **kw)
+        le, ge = loss_and_grads(eager, list(eager.parameters()), *args)
+        lc, gc = loss_and_grads(compiled, list(comp_model.parameters()), *args)
         tol = 1e-3 if precision == "fp32" else 3e-2
         assert rel(lc, le) < tol
         assert rel(torch.cat([g.flatten() for g in gc]), torch.cat([g.flatten() for g in ge])) < 5 * tol
@@ -130,16 +130,16 @@ def test_same_dropout_mask_under_compile(precision):
     cfg = small_cfg(dropout=0.3, precision=precision)
     torch.manual_seed(0)
     model = build_model(cfg, compute_dtype=torch.bfloat16 if precision == "bf16" else torch.float32).to(dev).train()
-    _, f = loop._wrap_for_training(model, replace(cfg, runtime=replace(cfg.runtime, compile=True)), rt_dist.Dist(), dev)
+    f = FastPath(model, replace(cfg, runtime=replace(cfg.runtime, compile=True)), dist=rt_dist.Dist(), device=dev).target
     x0, t, _, eps, keys = batch(cfg, dev)
-    kw = dict(weighting="one", p=0.0, c=0.0)
-    same = consistency_loss(f, x0, t, t.clone(), eps, dropout_key=keys, **kw)
+    kw = LossSpec(weighting="one", p=0.0, c=0.0)
+    same = consistency_loss(f, x0, t, t.clone(), eps, dropout_key=keys, spec=kw)
     other_keys = keys + 12345
 
     def other_mask_target(x, s, labels=None, *, dropout_key=None):
         return f(x, s, labels, dropout_key=other_keys.to(dropout_key.device)[: x.shape[0]])
 
-    differ = consistency_loss(f, x0, t, t.clone(), eps, dropout_key=keys, target_f=other_mask_target, **kw)
+    differ = consistency_loss(Passes(f, other_mask_target), x0, t, t.clone(), eps, dropout_key=keys, spec=kw)
     ratio = float(same.mean() / differ.mean())
     assert ratio < (1e-4 if precision == "fp32" else 5e-2), ratio
 
@@ -172,8 +172,8 @@ def test_r_zero_rows_skip_target_pass_and_no_bf16_reaches_the_loss():
     cfg = small_cfg(precision="bf16", compile=True)
     torch.manual_seed(0)
     model = build_model(cfg, compute_dtype=torch.bfloat16).to(dev).train()
-    train_f, target_f = loop._wrap_for_training(model, cfg, rt_dist.Dist(), dev)
-    counter = CountingTarget(target_f)
+    fast = FastPath(model, cfg, dist=rt_dist.Dist(), device=dev)
+    train_f, counter = fast.student, CountingTarget(fast.target)
     x0, t, r, eps, keys = batch(cfg, dev, r_frac=0.4)
     need = int((r > 0).sum())
     assert 0 < need < len(r)
@@ -183,11 +183,11 @@ def test_r_zero_rows_skip_target_pass_and_no_bf16_reaches_the_loss():
         assert out.dtype == torch.float32, out.dtype
         return out
 
-    loss = consistency_loss(student, x0, t, r, eps, dropout_key=keys, target_f=counter, row_multiple=8)
+    loss = consistency_loss(Passes(student, counter, 8), x0, t, r, eps, dropout_key=keys)
     assert loss.dtype == torch.float32 and torch.isfinite(loss).all()
     assert counter.rows == [min(-(-need // 8) * 8, len(r))]
     counter.rows.clear()
-    consistency_loss(student, x0, t, torch.zeros_like(r), eps, dropout_key=keys, target_f=counter, row_multiple=8)
+    consistency_loss(Passes(student, counter, 8), x0, t, torch.zeros_like(r), eps, dropout_key=keys)
     assert counter.rows == []  # pure diffusion: the target pass never runs
 
 
@@ -200,21 +200,26 @@ def test_device_guard_on_cuda_skips_bad_steps_without_host_sync():
     data = random_data(cfg)
     torch.manual_seed(0)
     model = build_model(cfg, compute_dtype=torch.bfloat16).to(dev)
-    opt = loop.make_optimizer(cfg, list(model.net.parameters()), dev)
-    train_f, target_f = loop._wrap_for_training(model, cfg, rt_dist.Dist(), dev)
-    kw = objective_loss_kwargs(cfg.objective, data_dim=3 * 32 * 32, sigma_data=0.5)
+    opt = make_optimizer(cfg, list(model.net.parameters()), dev)
+    fast = FastPath(model, cfg, dist=rt_dist.Dist(), device=dev)
+    assert fast.guard_mode == "device"
+    spec = loss_spec(cfg.objective, data_dim=3 * 32 * 32, sigma_data=0.5)
     model.train()
     nimg = last_stage_nimg(cfg)
-    args = (train_f, target_f, opt, data, cfg)
+
+    def step(nimg):
+        result = training_step(fast=fast, opt=opt, data=data, cfg=cfg, spec=spec, nimg=nimg, dist=rt_dist.Dist())
+        return result.loss_sum, result.kept
+
     for _ in range(3):  # warm-up: compile, first optimiser step (creates the state), dynamic target graph
-        _, _, flag = loop.training_step(*args, nimg, rt_dist.Dist(), dev, kw)
+        _, flag = step(nimg)
         assert isinstance(flag, StepFlag) and bool(flag)
         nimg += cfg.train.batch
     assert opt.param_groups[0]["capturable"] and all(s["step"].is_cuda for s in opt.state.values())
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        loss_sum, _, flag = loop.training_step(*args, nimg, rt_dist.Dist(), dev, kw)
+        loss_sum, flag = step(nimg)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert bool(flag) and float(loss_sum) > 0
@@ -222,7 +227,7 @@ def test_device_guard_on_cuda_skips_bad_steps_without_host_sync():
     before = opt_state_snapshot(opt, list(model.net.parameters()))
     p0 = next(model.net.parameters())
     hook = p0.register_hook(lambda g: g * float("nan"))
-    loss_sum, _, flag = loop.training_step(*args, nimg, rt_dist.Dist(), dev, kw)
+    loss_sum, flag = step(nimg)
     hook.remove()
     assert not bool(flag) and float(loss_sum) == 0.0
     after = opt_state_snapshot(opt, list(model.net.parameters()))
@@ -237,7 +242,9 @@ def test_dataset_resident_on_gpu_gives_the_same_batch():
     cfg = small_cfg()
     data = random_data(cfg)
     idx = torch.tensor([5, 3, 3, 60, 0])
-    images, labels = loop._load_rows(data, idx, torch.device("cuda"))
+    cfg = replace(cfg, runtime=replace(cfg.runtime, device="cuda"))
+    fast = FastPath(build_model(cfg).cuda(), cfg, dist=rt_dist.Dist(), device=torch.device("cuda"))
+    images, labels = fast.load_rows(data, idx)
     assert images.is_cuda and labels is None
     assert torch.equal(images.cpu(), load_batch(data, idx)[0])
 

@@ -46,6 +46,9 @@ def test_classifier_free_guidance_hand_values() -> None:
     assert torch.equal(GuidedDenoiser(model, weight=1.0)(x, sigma, labels), model(x, sigma, labels))
     assert len(model.calls) == 2  # w = 1: one call (plus the reference call), no extra pass
     assert torch.equal(unconditional_labels(2, 3), torch.zeros(2, 3))
+    # A wrapper without `label_dim` (a compiled or hinted target pass) is told the class count.
+    wrapped = lambda x, s, c=None, *, dropout_key=None: model(x, s, c, dropout_key=dropout_key)  # noqa: E731
+    assert GuidedDenoiser(wrapped, weight=3.0, label_dim=3)(x, sigma, labels).flatten().tolist() == [63.0, 33.0]
 
 
 def test_autoguidance_hand_values_and_refusals() -> None:

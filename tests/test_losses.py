@@ -2,7 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from ectune.losses import consistency_loss
+from ectune.losses import Passes, consistency_loss
+from ectune.objectives import LossSpec
 from ectune.precond import Precond, edm_scalings
 from ectune.weighting import adaptive_loss, timestep_weight
 
@@ -38,11 +39,11 @@ def test_ideal_model_has_zero_loss(p, weighting):
     x0 = a.expand(6, -1, -1, -1).clone()
     _, eps, t = batch()
     r = torch.tensor([0.0, 0.5, 0.9, 0.0, 0.99, 0.3]) * t
-    loss = consistency_loss(f, x0, t, r, eps, weighting=weighting, p=p, c=0.0)
+    loss = consistency_loss(f, x0, t, r, eps, spec=LossSpec(weighting=weighting, p=p, c=0.0))
     assert loss.shape == (6,)
     assert loss.abs().max().item() < 1e-4  # fp32 round-off of the oracle's inversion of the scalings
     wrong = Precond(DiracOracle(a.double(), leak=0.1))
-    assert consistency_loss(wrong, x0, t, r, eps, weighting=weighting, p=p, c=0.0).max().item() > 1e-2
+    assert consistency_loss(wrong, x0, t, r, eps, spec=LossSpec(weighting=weighting, p=p, c=0.0)).max().item() > 1e-2
 
 
 def test_target_pass_has_no_grad_and_matches_manual_stop_gradient(tiny_net):
@@ -50,7 +51,7 @@ def test_target_pass_has_no_grad_and_matches_manual_stop_gradient(tiny_net):
     x0, eps, t = batch()
     r = 0.7 * t
     key = torch.arange(6)
-    loss = consistency_loss(f, x0, t, r, eps, dropout_key=key, weighting="inv_dt", p=0.5, c=0.1)
+    loss = consistency_loss(f, x0, t, r, eps, dropout_key=key, spec=LossSpec(weighting="inv_dt", p=0.5, c=0.1))
     assert tiny_net.calls == [(6, True), (6, False)]  # the student pass, then one no-grad target pass
     loss.mean().backward()
     g1 = [p.grad.clone() for p in tiny_net.parameters()]
@@ -73,7 +74,7 @@ def test_both_passes_share_the_dropout_mask_even_on_a_subset():
     # r = t gives identical inputs; only a different dropout mask could make Δ non-zero.
     r = t.clone()
     r[[1, 4, 6]] = 0.0
-    loss = consistency_loss(f, x0, t, r, eps, p=0.0, weighting="one", dropout_key=torch.arange(8) * 7 + 3)
+    loss = consistency_loss(f, x0, t, r, eps, dropout_key=torch.arange(8) * 7 + 3, spec=LossSpec(p=0.0, weighting="one"))
     assert net.calls[1] == (5, False)  # after the student pass, the target pass ran on the 5 rows with r > 0 only
     keep = r > 0
     assert loss[keep].abs().max().item() < 1e-10
@@ -89,14 +90,14 @@ def test_r_zero_rows_equal_the_diffusion_loss_and_skip_the_network(tiny_net):
     x0, eps, t = batch()
     key = torch.arange(6)
     r = torch.zeros(6)
-    diff = consistency_loss(f, x0, t, r, eps, dropout_key=key, weighting="edm", p=0.0)
+    diff = consistency_loss(f, x0, t, r, eps, dropout_key=key, spec=LossSpec(weighting="edm", p=0.0))
     assert tiny_net.calls == [(6, True)]  # no target pass at all
     with torch.no_grad():
         D = f(x0 + t.reshape(-1, 1, 1, 1) * eps, t, dropout_key=key)
     edm = (t**2 + 0.25) / (t * 0.5) ** 2 * (D - x0).flatten(1).square().sum(1)
     assert torch.allclose(diff.detach(), edm, rtol=1e-5)
     mixed_r = torch.tensor([0.0, 0.3, 0.0, 0.5, 0.0, 0.1]) * t
-    mixed = consistency_loss(f, x0, t, mixed_r, eps, dropout_key=key, weighting="edm", p=0.0)
+    mixed = consistency_loss(f, x0, t, mixed_r, eps, dropout_key=key, spec=LossSpec(weighting="edm", p=0.0))
     zero = mixed_r == 0
     assert torch.allclose(mixed.detach()[zero], diff.detach()[zero], rtol=1e-6)
 
@@ -108,7 +109,7 @@ def test_row_multiple_pads_with_discarded_rows(tiny_net):
     r[[2, 5, 7]] = 0.5 * t[[2, 5, 7]]
     key = torch.arange(8)
     plain = consistency_loss(f, x0, t, r, eps, dropout_key=key)
-    padded = consistency_loss(f, x0, t, r, eps, dropout_key=key, row_multiple=4)
+    padded = consistency_loss(Passes(f, f, 4), x0, t, r, eps, dropout_key=key)
     assert tiny_net.calls[1] == (3, False) and tiny_net.calls[3] == (4, False)  # each after its student pass
     assert torch.allclose(plain, padded, rtol=1e-6)
 
@@ -118,13 +119,13 @@ def test_keyed_dropout_fast_path_matches_int64_reference_and_is_uniform():
 
     key = torch.tensor([0, 1, 2**31 - 2, 123456789])
     shape = torch.Size([4, 3, 17, 5])  # odd elements per row: the last hash gives one draw
-    fast = keyed_uniform(key, 7, shape, torch.device("cpu"))
+    fast = keyed_uniform(key, 7, shape, device=torch.device("cpu"))
     assert torch.equal(fast, keyed_uniform_reference(key, 7, shape))
-    u = keyed_uniform(torch.arange(256), 1, torch.Size([256, 4096]), torch.device("cpu"))
+    u = keyed_uniform(torch.arange(256), 1, torch.Size([256, 4096]), device=torch.device("cpu"))
     assert abs(u.mean().item() - 0.5) < 1e-3 and abs(u.std().item() - 12**-0.5) < 1e-3
     assert abs(torch.corrcoef(torch.stack([u[:, 0::2].flatten(), u[:, 1::2].flatten()]))[0, 1].item()) < 0.01
     assert not torch.equal(u[0], u[1])
-    assert not torch.equal(keyed_uniform(key, 8, shape, torch.device("cpu")), fast)  # salt matters
+    assert not torch.equal(keyed_uniform(key, 8, shape, device=torch.device("cpu")), fast)  # salt matters
 
 
 def test_keyed_draws_are_the_same_from_the_int16_view_and_from_the_traced_path(monkeypatch):
@@ -134,9 +135,9 @@ def test_keyed_draws_are_the_same_from_the_int16_view_and_from_the_traced_path(m
 
     key, cpu = torch.tensor([5, 2**31 - 2, 0]), torch.device("cpu")
     for shape in (torch.Size([3, 2, 5, 7]), torch.Size([3, 4, 8, 8])):
-        viewed = keyed_int16(key, 11, shape, cpu)
+        viewed = keyed_int16(key, 11, shape, device=cpu)
         monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-        traced = keyed_int16(key, 11, shape, cpu)
+        traced = keyed_int16(key, 11, shape, device=cpu)
         monkeypatch.undo()
         assert viewed.dtype == traced.dtype == torch.int16 and torch.equal(viewed, traced)
 
@@ -159,7 +160,7 @@ def test_keyed_keep_mask_is_exactly_uniform_at_least_p():
     from ectune.nets.dropout import drop_threshold, keyed_int16, keyed_uniform_reference
 
     key, shape, cpu = torch.tensor([0, 9, 2**31 - 2]), torch.Size([3, 2, 11, 7]), torch.device("cpu")
-    draws = keyed_int16(key, 3, shape, cpu)
+    draws = keyed_int16(key, 3, shape, device=cpu)
     grid = torch.arange(65536, dtype=torch.float32) / 65536
     u = keyed_uniform_reference(key, 3, shape)
     drawn = u.flatten()[:40]
@@ -178,7 +179,7 @@ def test_keyed_dropout_compiles_to_the_same_numbers():
 
     key = torch.tensor([3, 2**31 - 2, 77])
     shape = torch.Size([3, 64, 16, 16])
-    compiled = torch.compile(keyed_uniform, dynamic=False)(key, 5, shape, torch.device("cpu"))
+    compiled = torch.compile(keyed_uniform, dynamic=False)(key, 5, shape, device=torch.device("cpu"))
     assert torch.equal(compiled, keyed_uniform_reference(key, 5, shape))
     layer = KeyedDropout(0.2).train()
     layer.salt = 5
@@ -202,7 +203,7 @@ class ToyDelta:
         return self.target + self.delta if torch.is_grad_enabled() else self.target.clone()
 
 
-def _toy_loss(**kw):
+def _toy_loss(loss_form="pseudo_huber", **kw):
     """(per-sample loss, dL/dΔ, Δ in float64, t, r) for a toy Δ with rows of very different norms."""
     g = torch.Generator().manual_seed(3)
     n = 4
@@ -212,7 +213,7 @@ def _toy_loss(**kw):
     x0, eps = torch.zeros(n, 1, 4, 4), torch.randn(n, 1, 4, 4, generator=g)
     t = torch.tensor([0.3, 1.0, 2.5, 40.0])
     r = torch.tensor([0.2, 0.9, 1.0, 39.5])  # all r > 0: every row's target comes from the (no-grad) target pass
-    loss = consistency_loss(ToyDelta(target, delta), x0, t, r, eps, dropout_key=torch.arange(n), **kw)
+    loss = consistency_loss(ToyDelta(target, delta), x0, t, r, eps, dropout_key=torch.arange(n), spec=LossSpec(form=loss_form, **kw))
     (grad,) = torch.autograd.grad(loss.sum(), delta)
     return loss.detach().double(), grad.double(), delta.detach().double(), t.double(), r.double()
 
@@ -265,13 +266,13 @@ def test_objectives_default_to_the_reference_scale_and_old_configs_keep_theirs()
     """Every preset trains with the pseudo-Huber form; a stored config written without the field (a run that
     trained with w̄·sg[w]·‖Δ‖²) reads back as weighted_l2, so resuming it cannot silently change its gradient."""
     from ectune.config import RunConfig, from_dict, to_dict
-    from ectune.losses import objective_loss_kwargs
+    from ectune.objectives import loss_spec
     from ectune.presets import get_preset, preset_names
 
     for name in preset_names():
         for mode in ("pretrain", "tune"):
             cfg = get_preset(name, mode)
-            assert objective_loss_kwargs(cfg.objective, data_dim=3, sigma_data=0.5)["loss_form"] == "pseudo_huber"
+            assert loss_spec(cfg.objective, data_dim=3, sigma_data=0.5).form == "pseudo_huber"
     stored = to_dict(RunConfig())
     assert from_dict(RunConfig, stored).objective.loss_form == "pseudo_huber"
     del stored["objective"]["loss_form"]
@@ -299,7 +300,7 @@ def test_target_pass_replays_the_student_masks_bit_for_bit(monkeypatch, r_zero_r
     hashes = []
     real = dropout_module.keyed_int16
     monkeypatch.setattr(dropout_module, "keyed_int16", lambda *a, **k: hashes.append(1) or real(*a, **k))
-    loss = consistency_loss(f, x0, t, r, eps, dropout_key=key, weighting="inv_dt", p=0.5, c=0.0)
+    loss = consistency_loss(f, x0, t, r, eps, dropout_key=key, spec=LossSpec(weighting="inv_dt", p=0.5, c=0.0))
     layers = sum(1 for m in net.modules() if isinstance(m, dropout_module.KeyedDropout))
     assert len(hashes) == layers  # the student pass only
     rows = slice(r_zero_rows, n)

@@ -228,18 +228,18 @@ def test_all_reduce_sums_across_two_gloo_ranks(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------- reference stats / evaluation
 def test_ref_key_is_filename_safe_and_distinct() -> None:
-    k = ref_key("fashion-mnist", "test", "lite0", 28)
+    k = ref_key("fashion-mnist", "test", "lite0", resolution=28)
     assert k.startswith("fashion-mnist__test__lite0__28px__")
-    odd = ref_key("/data/my set:v2/images.zip", "train", "inception", 32)
+    odd = ref_key("/data/my set:v2/images.zip", "train", "inception", resolution=32)
     assert "/" not in odd and ":" not in odd and " " not in odd and Path(odd).name == odd
-    assert ref_key("a/b", "train", "lite0", 32) != ref_key("a b", "train", "lite0", 32)
-    assert ref_key("cifar10", "train", "lite0", 32) != ref_key("cifar10", "train", "lite0", 64)
+    assert ref_key("a/b", "train", "lite0", resolution=32) != ref_key("a b", "train", "lite0", resolution=32)
+    assert ref_key("cifar10", "train", "lite0", resolution=32) != ref_key("cifar10", "train", "lite0", resolution=64)
 
 
 def test_reference_stats_computes_once_then_reads_the_cache(tmp_path: Path) -> None:
     ext = _PoolExtractor()
     images = torch.randint(0, 256, (37, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(6))
-    key = ref_key("toy", "train", ext.name, 28)
+    key = ref_key("toy", "train", ext.name, resolution=28)
     first = reference_stats(images, ext, cache_dir=tmp_path, key=key, batch=10)
     assert (tmp_path / f"{key}.npz").is_file() and first.count == 37 and first.key == key
 

@@ -263,7 +263,7 @@ def test_recomputed_norms_give_bit_identical_grads_and_save_less(dtype: torch.dt
 
 
 def test_recompute_norms_choice() -> None:
-    from ectune.training.loop import recompute_norms
+    from ectune.training.fastpath import recompute_norms
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert recompute_norms("auto", cuda, compiled=False) and not recompute_norms("auto", cpu, compiled=False)

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from ectune.cli import main
 from ectune.runtime import checkpoint
 from ectune.runtime.checkpoint import CheckpointError
-from ectune.runtime.perf import DeviceStepGuard, step_unless_nonfinite
+from ectune.training.guard import DeviceStepGuard, step_unless_nonfinite
 from ectune.training import loop
 from conftest import needs_fmnist, tiny
 

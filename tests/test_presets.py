@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ectune.losses import stage_nimg
+from ectune.objectives import stage_nimg
 from ectune.presets import PRESETS, get_preset
 from ectune.schedules import ect_r, ect_stage
 

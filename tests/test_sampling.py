@@ -65,8 +65,8 @@ def test_heun_nfe():
 
 def test_per_sample_seeds_are_batch_invariant():
     seeds = torch.arange(10)
-    full = generate(ideal_consistency, seeds, (1, 4, 4), (80.0, 0.821))
-    part = generate(ideal_consistency, seeds[3:6], (1, 4, 4), (80.0, 0.821))
+    full = generate(ideal_consistency, seeds, (1, 4, 4), sigmas=(80.0, 0.821))
+    part = generate(ideal_consistency, seeds[3:6], (1, 4, 4), sigmas=(80.0, 0.821))
     assert torch.equal(full[3:6], part)
     assert not torch.equal(per_sample_normal(seeds[:1], (4,), stream=0), per_sample_normal(seeds[:1], (4,), stream=1))
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ectune.config import ObjectiveConfig
-from ectune.losses import draw_t_r, largest_r_over_t
+from ectune.objectives import draw_t_r, largest_r_over_t
 from ectune.schedules import (
     consistency_sigmas, ect_max_r_over_t, ect_r, ect_stage, heun_sigmas, ict_interval_probs, ict_num_steps, ict_t_r,
     karras_sigmas, learning_rate, lognormal_t,

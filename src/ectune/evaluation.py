@@ -14,7 +14,6 @@ Numbers are reported under the extractor's ``report_name`` ("FD-Lite0" for the o
 from __future__ import annotations
 
 import os
-import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from .metrics import (
 )
 from .model import sample_images
 from .runtime import distributed as rt_dist
+from .runtime.device import describe_hardware
 from .sampling import to_uint8
 
 __all__ = [
@@ -75,27 +75,6 @@ def load_extractor(metric: str, *, device: torch.device | str = "cpu", weights: 
     return _EXTRACTOR_CACHE[key]
 
 
-def describe_hardware(device: torch.device | str) -> str:
-    """One line naming the accelerator (or CPU model and core count) and the torch version, for result files."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = _cpu_name()
-        name = f"CPU {name} ({os.cpu_count()} cores visible, {torch.get_num_threads()} torch threads)"
-    return f"{name}, torch {torch.__version__}, Python {platform.python_version()}"
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def reference_for_data(
     data: ImageDataset,
     split: str,
@@ -121,7 +100,7 @@ def reference_for_data(
     if 0 < max_images < len(data):
         idx = torch.linspace(0, len(data) - 1, max_images).round().long()
         images, desc = images.index_select(0, idx), f"{desc} subset{max_images}"
-    key = ref_key(desc, split, extractor.name, data.resolution, fingerprint=content_fingerprint(images))
+    key = ref_key(desc, split, extractor.name, resolution=data.resolution, fingerprint=content_fingerprint(images))
     rank, world = rt_dist.rank_and_world()
     if rank == 0:
         stats = reference_stats(images, extractor, cache_dir=cache_dir, key=key, batch=batch)
@@ -142,8 +121,8 @@ def _generator_stats(
     model: torch.nn.Module,
     cfg: RunConfig,
     seeds: Tensor,
-    extractor: FeatureExtractor,
     *,
+    extractor: FeatureExtractor,
     steps: int,
     mid_t: Sequence[float] | None,
     method: str,
@@ -191,7 +170,7 @@ class _Run:
         return f"{self.steps}step" if self.method == "consistency" else "heun"
 
 
-def _runs_for(cfg: RunConfig, steps: Sequence[int], mid_t: Sequence[float] | None, heun: bool) -> list[_Run]:
+def _runs_for(cfg: RunConfig, *, steps: Sequence[int], mid_t: Sequence[float] | None, heun: bool) -> list[_Run]:
     runs = []
     for s in steps:
         if int(s) < 1:
@@ -257,7 +236,7 @@ def evaluate_model(
     if ref_stats.extractor and ref_stats.extractor != ext.name:
         raise ValueError(f"reference statistics come from extractor {ref_stats.extractor!r}, not {ext.name!r}")
     heun = cfg.objective.kind == "diffusion" if heun is None else heun
-    runs = _runs_for(cfg, steps, mid_t, heun)
+    runs = _runs_for(cfg, steps=steps, mid_t=mid_t, heun=heun)
     seeds = torch.arange(seed, seed + n, dtype=torch.int64)
     real_feats = None
     keep = 0
@@ -267,7 +246,7 @@ def evaluate_model(
     t0 = time.time()
     results = []
     for run in runs:
-        stats, fake_feats = _generator_stats(model, cfg, seeds, ext, steps=run.steps, mid_t=run.mid_t or None,
+        stats, fake_feats = _generator_stats(model, cfg, seeds, extractor=ext, steps=run.steps, mid_t=run.mid_t or None,
                                              method=run.method, device=device, batch=batch, keep_features=keep)
         row: dict[str, Any] = {"method": run.method, "label": run.label, "steps": run.steps, "nfe": run.nfe,
                                "mid_t": list(run.mid_t), "fd": fd_from_stats(stats, ref_stats)}
@@ -309,7 +288,7 @@ def search_mid_t(
     seeds = torch.arange(seed, seed + n, dtype=torch.int64)
 
     def fd_at(tau: float) -> float:
-        stats, _ = _generator_stats(model, cfg, seeds, extractor, steps=2, mid_t=(tau,), method="consistency",
+        stats, _ = _generator_stats(model, cfg, seeds, extractor=extractor, steps=2, mid_t=(tau,), method="consistency",
                                     device=device, batch=batch)
         return fd_from_stats(stats, ref_stats)
 

@@ -36,14 +36,16 @@ class GuidedDenoiser(nn.Module):
         model: f, a Precond (its `label_dim` tells how to build unconditional labels).
         weight: w >= 0; 1 = f unchanged.
         guide: f_g for autoguidance, or None for classifier-free guidance with `model` itself.
+        label_dim: the model's class count, for a `model` that does not carry it (a compiled or hinted wrapper).
     `dropout_key` is passed to both calls, so a training-mode target pass keeps the student's dropout masks.
     """
 
-    def __init__(self, model: nn.Module, *, weight: float, guide: nn.Module | None = None) -> None:
+    def __init__(self, model: Denoiser, *, weight: float, guide: Denoiser | None = None,
+                 label_dim: int | None = None) -> None:
         super().__init__()
         if not (math.isfinite(weight) and weight >= 0):
             raise ValueError(f"guidance weight must be a finite number >= 0 (1 = none), got {weight}")
-        label_dim = int(getattr(model, "label_dim", 0))
+        label_dim = int(getattr(model, "label_dim", 0)) if label_dim is None else int(label_dim)
         if guide is None and label_dim == 0:
             raise ValueError("classifier-free guidance needs a class-conditional model; this one is unconditional "
                              "(give a guide model for autoguidance)")

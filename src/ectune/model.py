@@ -93,7 +93,7 @@ def sample_images(
     out = []
     for i in range(0, len(seeds), batch):
         labels = None if class_labels is None else class_labels[i : i + batch].to(device)
-        x = generate(f, seeds[i : i + batch], shape, sigmas, method=method, class_labels=labels, device=device)
+        x = generate(f, seeds[i : i + batch], shape, sigmas=sigmas, method=method, class_labels=labels, device=device)
         if cfg.data.vae and decode:
             from .latents import decode_to_images
 

@@ -13,16 +13,12 @@ from .config import (
     DataConfig, EMAConfig, ObjectiveConfig, OptimConfig, RunConfig, RuntimeConfig, SampleConfig, TrainConfig,
 )
 from .nets import PAPER_CONFIGS, SMALL_CONFIGS
+from .objectives import ict_objective
 
 Mode = Literal["pretrain", "tune"]
 
 # "ECT pretraining" (App. B): adaptive weighting p = 1/2, c = 0 and w̄ = 1/t, EDM's t ~ LogNormal(−1.2, 1.2).
 PRETRAIN_OBJECTIVE = ObjectiveConfig(kind="diffusion", P_mean=-1.2, P_std=1.2, weighting="inv_t", p=0.5, c=0.0)
-
-
-def ict_objective(ect: ObjectiveConfig) -> ObjectiveConfig:
-    """The iCT baseline with the same noise distribution (REFERENCE §4): 1/(t_{i+1} − t_i), pseudo-Huber."""
-    return replace(ect, kind="ict", weighting="inv_dt", p=0.5, metric="l2")
 
 
 def _fashion_mnist(mode: Mode) -> RunConfig:

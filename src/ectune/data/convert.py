@@ -122,9 +122,9 @@ def convert_images(
                         f"{first[0][0]}x{first[0][1]} {first[1]} but {source.where(names[i])} is "
                         f"{size[0]}x{size[1]} {mode}; {hint} to make them agree"
                     )
-                _write(archive, tmp, _archive_name(i), png)  # PNG is already compressed: store it
+                _write(archive, tmp, _archive_name(i), data=png)  # PNG is already compressed: store it
             entries = None if labels is None else [[_archive_name(i), lab] for i, lab in enumerate(labels)]
-            _write(archive, tmp, LABELS_FILE, json.dumps({"labels": entries}).encode())
+            _write(archive, tmp, LABELS_FILE, data=json.dumps({"labels": entries}).encode())
         except BaseException:
             if archive is not None:
                 archive.close()
@@ -138,7 +138,7 @@ def convert_images(
     return len(names)
 
 
-def _write(archive: zipfile.ZipFile | None, root: Path, name: str, data: bytes) -> None:
+def _write(archive: zipfile.ZipFile | None, root: Path, name: str, *, data: bytes) -> None:
     if archive is not None:
         archive.writestr(name, data)
         return

@@ -5,7 +5,7 @@ Typical use (offline, FD-Lite0)::
     from ectune.metrics import get_extractor, reference_stats, ref_key, stats_of_generator, fd_from_stats
 
     ext = get_extractor("lite0")                                  # or "inception" (FID), "dinov2" (FD-DINOv2)
-    ref = reference_stats(train_u8, ext, key=ref_key("fashion-mnist", "train", ext.name, 28))
+    ref = reference_stats(train_u8, ext, key=ref_key("fashion-mnist", "train", ext.name, resolution=28))
     gen = stats_of_generator(lambda s: sample_u8(net, s), torch.arange(10_000), ext, batch=250)
     print(ext.report_name, fd_from_stats(gen, ref))
 

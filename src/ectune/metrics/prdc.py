@@ -64,7 +64,7 @@ def knn_radii(feats: Tensor, *, k: int = 3, chunk: int = 1024) -> Tensor:
     return out.sqrt_()
 
 
-def _ball_hits(queries: Tensor, centres: Tensor, radii: Tensor, chunk: int) -> Tensor:
+def _ball_hits(queries: Tensor, centres: Tensor, radii: Tensor, *, chunk: int) -> Tensor:
     """For each query, how many balls B(centre_i, radius_i) contain it: int64 [Q]."""
     r2 = (radii * radii).unsqueeze(0)
     hits = torch.empty(queries.shape[0], dtype=torch.int64)
@@ -88,8 +88,8 @@ def prdc(real: Tensor, fake: Tensor, *, k: int = 3, chunk: int = 1024) -> PRDC:
         raise ValueError(f"prdc needs real [N, D] and fake [M, D] features, got {tuple(x.shape)} and {tuple(y.shape)}.")
     r_real = knn_radii(x, k=k, chunk=chunk)
     r_fake = knn_radii(y, k=k, chunk=chunk)
-    fake_in_real = _ball_hits(y, x, r_real, chunk)  # [M]: real balls containing each fake point
-    real_in_fake = _ball_hits(x, y, r_fake, chunk)  # [N]: fake balls containing each real point
+    fake_in_real = _ball_hits(y, x, r_real, chunk=chunk)  # [M]: real balls containing each fake point
+    real_in_fake = _ball_hits(x, y, r_fake, chunk=chunk)  # [N]: fake balls containing each real point
     # Coverage asks the transposed question: does a real point's own ball contain any fake point?
     covered = torch.zeros(x.shape[0], dtype=torch.bool)
     r2 = (r_real * r_real).unsqueeze(1)

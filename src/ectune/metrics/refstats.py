@@ -35,7 +35,7 @@ def content_fingerprint(images_u8: Tensor) -> str:
     return h.hexdigest()
 
 
-def ref_key(dataset_desc: str, split: str, extractor_name: str, resolution: int, *, fingerprint: str = "") -> str:
+def ref_key(dataset_desc: str, split: str, extractor_name: str, *, resolution: int, fingerprint: str = "") -> str:
     """A filename-safe cache key for reference statistics.
 
     `fingerprint` (``content_fingerprint`` of the images) ties the key to the data's content, so replacing the
@@ -46,7 +46,7 @@ def ref_key(dataset_desc: str, split: str, extractor_name: str, resolution: int,
     removed characters (e.g. "a/b" and "a b") still get different files. Long descriptions are shortened
     (the hash keeps them distinct).
 
-    Example: ref_key("fashion-mnist", "test", "lite0", 28) -> "fashion-mnist__test__lite0__28px__<hash8>".
+    Example: ref_key("fashion-mnist", "test", "lite0", resolution=28) -> "fashion-mnist__test__lite0__28px__<hash8>".
     """
     raw = "\x1f".join([dataset_desc, split, extractor_name, str(int(resolution)), *([fingerprint] if fingerprint else [])])
     digest = hashlib.sha256(raw.encode("utf-8")).hexdigest()[:8]

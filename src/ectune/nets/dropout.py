@@ -53,7 +53,7 @@ def _as_i32(v: int) -> int:
 _M1, _M2, _GOLDEN = _as_i32(0x7FEB352D), _as_i32(0x846CA68B), 0x9E3779B9
 
 
-def _row_hashes(key: Tensor, salt: int, index: Tensor, device: torch.device) -> Tensor:
+def _row_hashes(key: Tensor, salt: int, index: Tensor, *, device: torch.device) -> Tensor:
     """h[n, i] = lowbias32(seed(key[n], salt) + lowbias32(index[i])) for an int32 index tensor, as int32 [N, len]."""
     seed = hash32((key.to(device=device, dtype=torch.int64) & _MASK32) ^ ((salt * _GOLDEN) & _MASK32))
     seed = torch.where(seed >= (1 << 31), seed - (1 << 32), seed).to(torch.int32)
@@ -63,7 +63,7 @@ def _row_hashes(key: Tensor, salt: int, index: Tensor, device: torch.device) -> 
     return _hash32_i32(seed[:, None] + _hash32_i32(index)[None, :])
 
 
-def keyed_int16(key: Tensor, salt: int, shape: torch.Size, device: torch.device) -> Tensor:
+def keyed_int16(key: Tensor, salt: int, shape: torch.Size, *, device: torch.device) -> Tensor:
     """One signed 16-bit draw per element of `shape` = (N, ...), row n a function of (key[n], salt) only.
 
     Each 32-bit hash gives two draws, its low half (even element) and its high half (odd element): half the
@@ -76,17 +76,17 @@ def keyed_int16(key: Tensor, salt: int, shape: torch.Size, device: torch.device)
     per_row = int(torch.Size(shape[1:]).numel())
     if torch.compiler.is_compiling() or sys.byteorder != "little":
         j = torch.arange(per_row, device=device, dtype=torch.int32)
-        h = _row_hashes(key, salt, j // 2, device)
+        h = _row_hashes(key, salt, j // 2, device=device)
         low = ((h & 0xFFFF) ^ 0x8000) - 0x8000  # sign-extend the low half
         return torch.where(j % 2 == 1, h >> 16, low).to(torch.int16).reshape(shape)  # >>: the signed high half
-    h = _row_hashes(key, salt, torch.arange(-(-per_row // 2), device=device, dtype=torch.int32), device)
+    h = _row_hashes(key, salt, torch.arange(-(-per_row // 2), device=device, dtype=torch.int32), device=device)
     return h.view(torch.int16).reshape(h.shape[0], -1)[:, :per_row].reshape(shape)  # little-endian: [low, high]
 
 
-def keyed_uniform(key: Tensor, salt: int, shape: torch.Size, device: torch.device) -> Tensor:
+def keyed_uniform(key: Tensor, salt: int, shape: torch.Size, *, device: torch.device) -> Tensor:
     """Uniform numbers on the 16-bit grid {0, 1/2**16, ..., 1 - 1/2**16} of `shape`: u = (s + 2**15) / 2**16 for
     the draws s of `keyed_int16`."""
-    return (keyed_int16(key, salt, shape, device).to(torch.float32) + 32768.0) * (1.0 / 65536)
+    return (keyed_int16(key, salt, shape, device=device).to(torch.float32) + 32768.0) * (1.0 / 65536)
 
 
 def keyed_uniform_reference(key: Tensor, salt: int, shape: torch.Size) -> Tensor:
@@ -143,7 +143,7 @@ class KeyedDropout(nn.Module):
         if tape is not None and tape.rows is not None:
             keep = tape.masks[self.salt][tape.rows]
         else:
-            keep = keyed_int16(key, self.salt, x.shape, x.device) >= self._threshold
+            keep = keyed_int16(key, self.salt, x.shape, device=x.device) >= self._threshold
             if tape is not None:
                 tape.masks[self.salt] = keep
         # A bool mask: one kernel fewer than casting it, and autograd saves 1 byte per element instead of 2-4.

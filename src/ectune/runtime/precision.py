@@ -22,6 +22,7 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..losses import consistency_loss
+from ..objectives import LossSpec
 from ..precond import Precond
 
 _TF32_DROPPED_BITS = 13  # fp32 keeps 23 explicit mantissa bits, TF32 10
@@ -121,14 +122,14 @@ def delta_noise_ratio(delta_mode: Tensor, delta_ref: Tensor) -> Tensor:
 
 
 def loss_gradient(f: Precond, x0: Tensor, t: Tensor, r: Tensor, eps: Tensor, *, dropout_key: Tensor,
-                  loss_kwargs: dict[str, Any], class_labels: Tensor | None = None, loss_scale: float = 1.0) -> Tensor:
+                  spec: LossSpec, class_labels: Tensor | None = None, loss_scale: float = 1.0) -> Tensor:
     """The flat gradient of the summed training loss w.r.t. the network's parameters (fp32).
 
     `loss_scale` multiplies the loss before backward and divides the gradient after it (static loss scaling, as
     fp16 training does to keep small gradients from flushing to zero); 1 = none.
     """
     params = [p for p in f.net.parameters() if p.requires_grad]
-    loss = consistency_loss(f, x0, t, r, eps, dropout_key=dropout_key, class_labels=class_labels, **loss_kwargs)
+    loss = consistency_loss(f, x0, t, r, eps, dropout_key=dropout_key, class_labels=class_labels, spec=spec)
     grads = torch.autograd.grad(loss.sum() * loss_scale, params, allow_unused=True)
     flat = torch.cat([(torch.zeros_like(p) if g is None else g.float()).flatten() for p, g in zip(params, grads)])
     return flat / loss_scale

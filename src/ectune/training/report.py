@@ -9,6 +9,10 @@ from typing import Any
 
 from tqdm import tqdm
 
+import torch
+from torch import Tensor
+
+from ..runtime import distributed as rt_dist
 from ..runtime.checkpoint import atomic_write
 
 
@@ -60,6 +64,36 @@ class Reporter:
 
     def close(self) -> None:
         self.bar.close()
+
+
+class IntervalMeter:
+    """Loss (summed on the device, no sync), images, mean r/t and wall-clock time since the last status line."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.count = 0
+        self.r_over_t: list[float] = []
+        self.started = time.time()
+
+    def add(self, loss_sum: Tensor, count: int, r_over_t: float) -> None:
+        self.loss += loss_sum.double()
+        self.count += count
+        self.r_over_t.append(r_over_t)
+
+    def summary(self) -> dict[str, float]:
+        """The interval's mean loss over all ranks, mean r/t, sec/kimg and img/s (all ranks together); then reset.
+        `count` is the global batch, so the per-rank loss sums add up to its images."""
+        total = rt_dist.all_reduce_sum_(self.loss.clone())
+        elapsed = max(time.time() - self.started, 1e-9)
+        out = {"loss": float(total) / max(self.count, 1),
+               "r_over_t": sum(self.r_over_t) / max(len(self.r_over_t), 1),
+               "sec_per_kimg": elapsed / max(self.count / 1000, 1e-9), "img_per_s": self.count / elapsed}
+        self.reset()
+        return out
 
 
 def read_stats(path: Path) -> list[dict[str, Any]]:

@@ -1,27 +1,24 @@
-"""Performance helpers: a non-finite-step guard that never waits for the device, and measuring tools.
+"""Skipping a training step whose loss, gradients or updated weights are not finite, so one bad batch cannot
+poison the weights, the optimiser state or the EMA.
 
-`DeviceStepGuard` replaces the training step's one host sync (reading "were the loss and gradients finite?")
-with device-side arithmetic:
+Two ways, one result (a skipped step leaves weights and optimiser state exactly as they were):
 
-* every parameter's .grad is a view of one flat buffer, so the finiteness check, the sanitising of a bad
-  step's gradients and gradient clipping are one kernel each;
-* the optimiser step is skipped on the device: fused Adam through its `found_inf` input (the same mechanism
-  GradScaler uses), any other optimiser by keeping a copy of the parameters and optimiser state and selecting
-  new·good + old·bad afterwards. On a bad step the gradients are zeroed first, so the optimiser's output is
-  finite and the select is exact (x·1 = x, x·0 = 0, 0 + y = y in floating point).
+* `step_unless_nonfinite`: the host reads "were the loss and gradients finite?" (one sync per step; the CPU and
+  multi-process default), steps, and undoes a step that made a weight non-finite.
+* `DeviceStepGuard`: the same decision without the host sync (one CUDA process). Every parameter's .grad is a
+  view of one flat buffer, so the finiteness check, the sanitising of a bad step's gradients and gradient clipping
+  are one kernel each; the optimiser step is skipped on the device: fused Adam through its `found_inf` input (the
+  mechanism GradScaler uses), any other optimiser by keeping a copy of the parameters and optimiser state and
+  selecting new·good + old·bad afterwards. On a bad step the gradients are zeroed first, so the optimiser's output
+  is finite and the select is exact (x·1 = x, x·0 = 0, 0 + y = y in floating point).
 
 The result of the check is a `StepFlag`: the value is copied to pinned host memory behind a CUDA event, so
-reading it later (`bool(flag)`) waits only until the gradients were checked, never for the optimiser step
-or anything queued after it; a caller that reads it one step late never waits at all.
-
-Measuring helpers: `matmul_peak_tflops` (a large bf16 product, the MFU denominator), `forward_flops`
-(FLOPs of one forward pass, counted by torch's FlopCounterMode) and `Stopwatch` (device-synchronised
-wall-clock timing).
+reading it later (`bool(flag)`) waits only until the gradients were checked, never for the optimiser step or
+anything queued after it; a caller that reads it one step late never waits at all.
 """
 
 from __future__ import annotations
 
-import time
 import warnings
 from typing import Iterable
 
@@ -112,7 +109,7 @@ class DeviceStepGuard:
         if not self.grads_attached():
             # Something replaced .grad (e.g. a hook or DDP): the flat buffer does not hold the gradients.
             self._warn("parameter .grad tensors were replaced; this step used the host-synchronising guard")
-            return StepFlag(self._sync_step(opt, loss_sum, grad_clip))
+            return StepFlag(self._sync_step(opt, loss_sum, grad_clip=grad_clip))
         norm = torch.linalg.vector_norm(self.flat)
         good = torch.isfinite(norm) & torch.isfinite(loss_sum.to(self.device))
         self.flat.masked_fill_(~good, 0.0)  # NaN-safe: a bad step's gradients become zeros
@@ -121,7 +118,7 @@ class DeviceStepGuard:
             self.flat.mul_(scale)
         tensors = self._state_tensors(opt)
         if tensors is None:
-            return StepFlag(self._sync_step(opt, loss_sum, grad_clip, checked=good))
+            return StepFlag(self._sync_step(opt, loss_sum, grad_clip=grad_clip, checked=good))
         if self._backup is None or len(self._backup) != len(tensors) or any(
                 b.shape != t.shape or b.dtype != t.dtype for b, t in zip(self._backup, tensors)):
             self._backup = [torch.empty_like(t) for t in tensors]
@@ -158,7 +155,7 @@ class DeviceStepGuard:
                     out.append(v)
         return out
 
-    def _sync_step(self, opt: torch.optim.Optimizer, loss_sum: Tensor, grad_clip: float,
+    def _sync_step(self, opt: torch.optim.Optimizer, loss_sum: Tensor, *, grad_clip: float,
                    checked: Tensor | None = None) -> Tensor:
         self.sync_steps += 1
         grads = [p.grad for p in self.params if p.grad is not None]
@@ -221,91 +218,3 @@ def make_state_capturable(opt: torch.optim.Optimizer, device: torch.device) -> b
             if st and isinstance(st.get("step"), Tensor) and st["step"].device != p.device:
                 st["step"] = st["step"].to(p.device)
     return True
-
-
-# ---------------------------------------------------------------------------------------------- measuring
-
-
-def synchronize(device: torch.device | str) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-class Stopwatch:
-    """Wall-clock seconds between start() and stop(), with the device synchronised at both ends."""
-
-    def __init__(self, device: torch.device | str) -> None:
-        self.device = torch.device(device)
-        self._t0 = 0.0
-
-    def start(self) -> "Stopwatch":
-        synchronize(self.device)
-        self._t0 = time.perf_counter()
-        return self
-
-    def stop(self) -> float:
-        synchronize(self.device)
-        return time.perf_counter() - self._t0
-
-
-def matmul_peak_tflops(device: torch.device | str, *, n: int = 8192, dtype: torch.dtype = torch.bfloat16,
-                       iters: int = 20, warmup: int = 3) -> float:
-    """Measured TFLOP/s of an n×n×n matrix product on random data (median of `iters`, device-event timed on
-    CUDA): the MFU denominator, measured in the same run as the step it is compared with."""
-    device = torch.device(device)
-    g = torch.Generator(device=device).manual_seed(0)
-    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
-    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
-    for _ in range(warmup):
-        a @ b
-    times = []
-    for _ in range(iters):
-        if device.type == "cuda":
-            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            e0.record()
-            a @ b
-            e1.record()
-            e1.synchronize()
-            times.append(e0.elapsed_time(e1) / 1000)
-        else:
-            t0 = time.perf_counter()
-            a @ b
-            times.append(time.perf_counter() - t0)
-    times.sort()
-    return 2 * n**3 / times[len(times) // 2] / 1e12
-
-
-def forward_flops(fn, *args, **kwargs) -> int:
-    """FLOPs of one call of fn(*args, **kwargs) as counted by torch's FlopCounterMode (matmuls, convolutions,
-    attention; elementwise work is not counted), under no_grad."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        fn(*args, **kwargs)
-    return int(counter.get_total_flops())
-
-
-def device_name(device: torch.device | str) -> str:
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    import platform
-
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s))"
-
-
-def peak_memory_gb(device: torch.device | str) -> float:
-    """Peak allocated device memory since the last reset (CUDA), else the process's peak RSS, in GiB."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-def reset_peak_memory(device: torch.device | str) -> None:
-    device = torch.device(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)

@@ -15,7 +15,8 @@ OPTIONS = {
                  "--objective.q", "--net.dropout", "--runtime.compile", "--runtime.no-compile"],
     "tune": ["--init", "--objective", "--run-dir", "--until-kimg", "--objective.kind", "--sample.mid-t"],
     "sample": ["MODEL", "--steps", "--mid-t", "--method", "--sigma-min-shift", "--n", "--seed", "--class", "--batch",
-               "--device", "--out", "--force", "--guidance", "--guide", "--latents"],
+               "--device", "--out", "--force", "--guidance", "--guide", "--latents",
+               "--init-image", "--t", "--strength"],
     "info": ["PATH"],
     "convert-images": ["SRC", "DEST", "--resolution", "--channels"],
     "eval": ["MODEL", "--metric", "--steps", "--heun", "--n", "--seed", "--mid-t", "--sigma-min-shift", "--search-mid-t",
@@ -26,6 +27,8 @@ OPTIONS = {
     "import-edm": ["PICKLE", "--out", "--kind", "--preset", "--sigma-min-shift"],
     "encode-latents": ["IMAGES", "OUT", "--resolution", "--vae", "--latent-mean", "--latent-std", "--store-posterior",
                        "--shard-size", "--batch", "--device"],
+    "export": ["MODEL", "DIR", "--format", "--name", "--repo", "--license", "--force"],
+    "push": ["MODEL", "--repo", "--format", "--private", "--revision", "--message", "--license"],
 }
 
 

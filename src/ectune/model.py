@@ -11,6 +11,8 @@ from torch import Tensor
 from .config import RunConfig
 from .nets import build_net
 from .precond import Precond, replace_precond
+from .hub.refs import resolve_model_path
+from .img2img import img2img_sample, img2img_sigmas
 from .runtime.checkpoint import CheckpointError, load_model_weights, read_model_meta
 from .sampling import generate
 from .schedules import consistency_sigmas, heun_sigmas
@@ -28,7 +30,9 @@ def build_model(cfg: RunConfig, *, compute_dtype: torch.dtype = torch.float32) -
 
 
 def load_model(path: Path | str, *, device: torch.device | str = "cpu") -> tuple[Precond, RunConfig, dict[str, Any]]:
-    """An exported model (file or run directory) in eval mode, with its config and extra metadata."""
+    """An exported model (file, run directory, Hub-style folder or `hf://OWNER/NAME[@REVISION]`) in eval mode, with
+    its config and extra metadata."""
+    path = resolve_model_path(path)  # hf:// -> its folder in the local hub cache (downloaded once)
     cfg, extra = read_model_meta(path)
     model = build_model(cfg)
     weights = load_model_weights(path)
@@ -65,18 +69,29 @@ def sample_images(
     decode: bool = True,
     guidance: float = 1.0,
     guide: Precond | None = None,
+    init_images: Tensor | None = None,
+    t_start: float | None = None,
 ) -> Tensor:
     """Float images in [-1, 1] for per-sample seeds, in batches (results do not depend on `batch`).
 
     Consistency sampling evaluates `model` with the boundary `sampling_boundary(cfg)` (sharing its weights); the
-    Heun sampler of diffusion models uses `model` as it is. A latent model (cfg.data.vae set) returns images decoded
-    by that VAE, or with decode=False its latents. guidance = w != 1 samples f_g + w·(f − f_g)
-    (`ectune.guidance.GuidedDenoiser`: the unconditional label as f_g, or the model `guide`; 2 NFE per step)."""
+    Heun sampler of diffusion models uses `model` as it is. With `init_images` ([N or 1, C, H, W] in [-1, 1]) it is
+    image-to-image sampling (`ectune.img2img`): each image noised to `t_start`, then `steps` consistency steps.
+    A latent model (cfg.data.vae set) returns images decoded by that VAE, or with decode=False its latents.
+    guidance = w != 1 samples f_g + w·(f − f_g) (`ectune.guidance.GuidedDenoiser`: the unconditional label as f_g,
+    or the model `guide`; 2 NFE per step)."""
     shape = (cfg.net.img_channels, cfg.net.img_resolution, cfg.net.img_resolution)
+    if init_images is not None:
+        if method != "consistency" or t_start is None:
+            raise ValueError("image-to-image sampling needs the consistency method and a starting time t_start")
+        init_images = init_images.expand(len(seeds), *shape)
     if cfg.net.label_dim and class_labels is None:
         # Class of sample i follows from its seed, so it is batch-independent too.
         class_labels = seeds % cfg.net.label_dim
-    if method == "consistency":
+    if init_images is not None:
+        sigmas = img2img_sigmas(t_start, steps, cfg.sample.mid_t if mid_t is None else mid_t, explicit=mid_t is not None,
+                                t_max=cfg.sample.t_max)
+    elif method == "consistency":
         sigmas = consistency_sigmas(steps, t_max=cfg.sample.t_max, mid_t=cfg.sample.mid_t if mid_t is None else mid_t)
     else:
         sigmas = heun_sigmas(cfg.sample.heun_steps, sigma_min=cfg.sample.sigma_min, sigma_max=cfg.sample.t_max,
@@ -93,7 +108,11 @@ def sample_images(
     out = []
     for i in range(0, len(seeds), batch):
         labels = None if class_labels is None else class_labels[i : i + batch].to(device)
-        x = generate(f, seeds[i : i + batch], shape, sigmas=sigmas, method=method, class_labels=labels, device=device)
+        if init_images is not None:
+            x = img2img_sample(f, init_images[i : i + batch], seeds[i : i + batch], sigmas, class_labels=labels,
+                               device=device)
+        else:
+            x = generate(f, seeds[i : i + batch], shape, sigmas=sigmas, method=method, class_labels=labels, device=device)
         if cfg.data.vae and decode:
             from .latents import decode_to_images
 

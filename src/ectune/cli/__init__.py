@@ -21,6 +21,8 @@ COMMANDS = {
     "ref-stats": "ref_stats",
     "import-edm": "import_edm",
     "encode-latents": "encode_latents",
+    "export": "export",
+    "push": "push",
 }
 
 

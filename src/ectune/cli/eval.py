@@ -98,10 +98,17 @@ def run(command: str, argv: Sequence[str]) -> int:
             raise ValueError(f"{flag} {value} is too small; expected at least {least}")
     if a.search_mid_t and a.mid_t is not None:
         raise ValueError("--search-mid-t and --mid-t conflict: the search chooses the intermediate time")
-    model_file = a.model / "model.safetensors" if a.model.is_dir() else a.model
+    from ..hub.refs import is_hub_ref, resolve_model_path
+
+    on_hub = is_hub_ref(a.model)
+    if on_hub and a.search_mid_t:
+        raise ValueError(f"--search-mid-t stores its choice in the model file, and {a.model} is in the Hugging Face cache: "
+                         "export it to a folder first (`ectune export MODEL DIR`) and search there")
+    local = resolve_model_path(a.model)
+    model_file = local / "model.safetensors" if local.is_dir() else local
     device = resolve_device(a.device)
     t0 = time.time()
-    model, cfg, extra = load_model(a.model, device=device)
+    model, cfg, extra = load_model(local, device=device)
     cfg = with_sampling_boundary(cfg, a.sigma_min_shift)  # a --search-mid-t stores it with the time it chose
     check_mid_t(a.mid_t, cfg)
     diffusion = cfg.objective.kind == "diffusion"
@@ -145,7 +152,8 @@ def run(command: str, argv: Sequence[str]) -> int:
         "mid_t_search": search, "wall_seconds": round(time.time() - t0, 2), "device": str(device),
         "hardware": describe_hardware(device),
     }
-    out = a.out if a.out is not None else model_file.parent / f"eval-{a.metric}.json"
+    # Results of a Hub model go to the current directory, never into the hub cache.
+    out = a.out if a.out is not None else (Path(".") if on_hub else model_file.parent) / f"eval-{a.metric}.json"
     text = json.dumps(result, indent=2)
     atomic_write_text(out, text + "\n")
     print(text)

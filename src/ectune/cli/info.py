@@ -24,9 +24,12 @@ def run(command: str, argv: Sequence[str]) -> int:
     a = parse(InfoArgs, command, argv)
     from ..runtime.checkpoint import read_model_meta
 
-    cfg, extra = read_model_meta(a.path)
-    info = describe(cfg, path=a.path, nimg=extra.get("nimg"), objective=extra.get("objective"), ema=extra.get("ema"))
-    if a.path.is_dir():
-        info["files"] = sorted(str(f.relative_to(a.path)) for f in a.path.rglob("*") if f.is_file())
+    from ..hub.refs import resolve_model_path
+
+    local = resolve_model_path(a.path)  # hf://OWNER/NAME -> its folder in the hub cache
+    cfg, extra = read_model_meta(local)
+    info = describe(cfg, path=local, nimg=extra.get("nimg"), objective=extra.get("objective"), ema=extra.get("ema"))
+    if local.is_dir():
+        info["files"] = sorted(str(f.relative_to(local)) for f in local.rglob("*") if f.is_file())
     print(json.dumps(info, indent=2))
     return 0

@@ -6,11 +6,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal, Sequence
+from typing import TYPE_CHECKING, Annotated, Literal, Sequence
 
 import tyro
 
 from .common import Flag, check_mid_t, optional, parse, with_sampling_boundary
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..config import RunConfig
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,6 +49,12 @@ class SampleArgs:
     """weaker or unconditional model as f_g (autoguidance)"""
     latents: Flag = False
     """latent models: write the model's latents (.npy or .safetensors) instead of decoded images"""
+    init_image: Annotated[Path | None, optional("PATH", unset="none: generate from noise")] = None
+    """image-to-image: start every sample from this image noised to --t (or --strength), then take --steps steps"""
+    t: Annotated[float | None, optional("T", unset="from --strength")] = None
+    """image-to-image starting time (noise level) in (0, t_max]: 0.3 keeps much of the image, 3 little"""
+    strength: Annotated[float | None, optional("S", unset="0.8 unless --t is given")] = None
+    """image-to-image noise share in (0, 1]: t = σ_d·S/√(1 − S²) (0.5 → t 0.29, 0.8 → 0.67, 0.9 → 1.03, 1 → t_max)"""
 
 
 def run(command: str, argv: Sequence[str]) -> int:
@@ -80,10 +91,14 @@ def run(command: str, argv: Sequence[str]) -> int:
         raise ValueError(f"--latents: {a.model} is not a latent model (its config names no data.vae)")
     if a.latents and a.out.suffix not in (".npy", ".safetensors"):
         raise ValueError(f"--out {a.out}: with --latents, expected a .npy or .safetensors file")
+    if a.init_image is not None and cfg.data.vae:
+        raise ValueError(f"--init-image: {a.model} is a latent model; image-to-image sampling of latent models "
+                         "(encoding the image first) is not supported")
+    init, t_start = _init_image(a, cfg)
     mine = rt_dist.rank_seeds(torch.arange(a.n), dist.rank, dist.world_size)  # positions of this rank's samples
     images = sample_images(model, cfg, seeds[mine], steps=a.steps, mid_t=a.mid_t, method=a.method,
                            class_labels=None if labels is None else labels[mine], batch=a.batch, device=device,
-                           decode=not a.latents, guidance=a.guidance, guide=guide)
+                           init_images=init, t_start=t_start, decode=not a.latents, guidance=a.guidance, guide=guide)
     if a.latents:
         from ..latents.store import save_latents
 
@@ -96,7 +111,8 @@ def run(command: str, argv: Sequence[str]) -> int:
     if dist.is_main:
         out = save_images(images, a.out)
         steps = a.steps if a.method == "consistency" else cfg.sample.heun_steps
-        print(f"wrote {a.n} samples ({a.method}, {steps} steps, {dist.world_size} process(es)) to {out}")
+        start = "" if t_start is None else f" from {a.init_image} at t = {t_start:.4g}"
+        print(f"wrote {a.n} samples ({a.method}, {steps} steps{start}, {dist.world_size} process(es)) to {out}")
     return 0
 
 
@@ -121,3 +137,27 @@ def _load_guide(a: SampleArgs, model, cfg, device):
         raise ValueError(f"--guide {a.guide}: its latents (VAE {gcfg.data.vae or 'none'}) are not the model's "
                          f"({cfg.data.vae or 'none'})")
     return guide
+
+
+def _init_image(a: SampleArgs, cfg: RunConfig) -> tuple[torch.Tensor | None, float | None]:
+    """The --init-image as [1, C, H, W] in [-1, 1] and its starting time (from --t or --strength); (None, None)
+    when sampling from noise."""
+    if a.init_image is None:
+        if a.t is not None or a.strength is not None:
+            raise ValueError("--t and --strength set the starting noise of --init-image; give an --init-image")
+        return None, None
+    from ..img2img import strength_to_t
+    from ..init_image import read_image
+
+    if a.method != "consistency":
+        raise ValueError("--init-image needs --method consistency (image-to-image takes consistency steps)")
+    if a.t is not None and a.strength is not None:
+        raise ValueError(f"--t {a.t} and --strength {a.strength} both set the starting noise; give one")
+    if a.t is not None and not 0 < a.t <= cfg.sample.t_max:
+        raise ValueError(f"--t {a.t}: expected a time in (0, t_max = {cfg.sample.t_max}]")
+    if a.strength is not None and not 0 < a.strength <= 1:
+        raise ValueError(f"--strength {a.strength}: expected a number in (0, 1]")
+    t = a.t if a.t is not None else strength_to_t(0.8 if a.strength is None else a.strength,
+                                                   sigma_data=cfg.precond.sigma_data, t_max=cfg.sample.t_max)
+    image = read_image(a.init_image, channels=cfg.net.img_channels, resolution=cfg.net.img_resolution)
+    return image[None], t

@@ -143,8 +143,10 @@ def load_model_weights(path: Path | str) -> dict[str, torch.Tensor]:
 
 
 def _model_file(path: Path | str) -> Path:
-    """A model file, or the model.safetensors inside a run directory."""
-    path = Path(path)
+    """A model file, or the model.safetensors inside a run directory (or inside an `hf://` reference's folder)."""
+    from ..hub.refs import resolve_model_path  # `hf://OWNER/NAME[@REVISION]` -> its folder in the hub cache
+
+    path = resolve_model_path(path)
     if path.is_dir():
         path = path / "model.safetensors"
     if not path.is_file():

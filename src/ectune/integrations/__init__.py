@@ -1,0 +1,1 @@
+"""Bridges to other libraries. Each subpackage imports its library only when it is imported itself."""

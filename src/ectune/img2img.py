@@ -52,8 +52,8 @@ def img2img_sample(
     model: Model,
     images: Tensor,
     seeds: Tensor,
-    sigmas: Tensor | Sequence[float],
     *,
+    sigmas: Tensor | Sequence[float],
     class_labels: Tensor | None = None,
     device: torch.device | str = "cpu",
 ) -> Tensor:

@@ -109,7 +109,7 @@ def sample_images(
     for i in range(0, len(seeds), batch):
         labels = None if class_labels is None else class_labels[i : i + batch].to(device)
         if init_images is not None:
-            x = img2img_sample(f, init_images[i : i + batch], seeds[i : i + batch], sigmas, class_labels=labels,
+            x = img2img_sample(f, init_images[i : i + batch], seeds[i : i + batch], sigmas=sigmas, class_labels=labels,
                                device=device)
         else:
             x = generate(f, seeds[i : i + batch], shape, sigmas=sigmas, method=method, class_labels=labels, device=device)

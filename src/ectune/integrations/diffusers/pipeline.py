@@ -88,8 +88,8 @@ class ECTPipeline(DiffusionPipeline):
         self.scheduler.set_timesteps(num_inference_steps, timesteps=timesteps, mid_t=mid_t, t_start=t_start)
         times = self.scheduler.timesteps
 
-        noise = self._noise_source(seed_t, generator, (n, *shape), device)
-        labels = self._labels(class_labels, seed_t, generator, n, device)
+        noise = self._noise_source(seed_t, generator, shape=(n, *shape), device=device)
+        labels = self._labels(class_labels, seed_t, generator, n=n, device=device)
         if start is None:
             x = noise(0) * float(times[0])
         else:
@@ -104,13 +104,13 @@ class ECTPipeline(DiffusionPipeline):
         return ImagePipelineOutput(images=images) if return_dict else (images,)
 
     @staticmethod
-    def _noise_source(seeds: Tensor | None, generator, shape: tuple[int, ...], device) -> Callable[[int], Tensor]:
+    def _noise_source(seeds: Tensor | None, generator, *, shape: tuple[int, ...], device) -> Callable[[int], Tensor]:
         """noise(i): the standard normal z_i of step i ([N, C, H, W]): ectune's stream i of each seed, or drawn."""
         if seeds is not None:
             return lambda i: per_sample_normal(seeds, shape[1:], stream=i, device=device)
         return lambda i: randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
 
-    def _labels(self, class_labels, seeds: Tensor | None, generator, n: int, device) -> Tensor | None:
+    def _labels(self, class_labels, seeds: Tensor | None, generator, *, n: int, device) -> Tensor | None:
         k = self.unet.label_dim
         if k == 0:
             if class_labels is not None:

@@ -182,7 +182,7 @@ def as_persistent(module: nn.Module, persistence: Any, module_src: str) -> Any:
 
 
 def write_pickle(path: Path, persistence: Any, net: nn.Module, kind: str, init_kwargs: dict[str, Any],
-                 protocol: int, module_src: str, *, loss_fn: Any = None) -> None:
+                 protocol: int, module_src: str, *, loss_fn: Any = None, encoder: Any = None) -> None:
     import dnnlib
 
     inner = as_persistent(net, persistence, module_src)
@@ -201,7 +201,8 @@ def write_pickle(path: Path, persistence: Any, net: nn.Module, kind: str, init_k
         data: Any = dict(ema=precond, loss_fn=loss, augment_pipe=None,
                          dataset_kwargs=dnnlib.EasyDict(class_name="training.dataset.ImageFolderDataset", path="x.zip"))
     else:
-        data = dnnlib.EasyDict(ema=precond, loss_fn=loss, encoder=persistence.Persistent("StandardRGBEncoder", {}, ""))
+        data = dnnlib.EasyDict(ema=precond, loss_fn=loss,
+                               encoder=encoder if encoder is not None else persistence.Persistent("StandardRGBEncoder", {}, ""))
     with path.open("wb") as f:
         pickle.dump(data, f, protocol=protocol)
 
@@ -278,3 +279,31 @@ def load_benchmark(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+# ---------------------------------------------------------------------------------------------- latent models
+
+
+def save_tiny_vae(folder: Path) -> Path:
+    """A randomly initialised diffusers AutoencoderKL (3 -> 4 channels, downsampling 2: 16×16 images <-> 4×8×8
+    latents), saved with save_pretrained so that tests load it through the real loading code, by path."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=4, sample_size=16)
+    vae.save_pretrained(str(folder), safe_serialization=True)
+    return folder
+
+
+def write_png_classes(folder: Path, n_per_class: int = 2, size: int = 20, classes: tuple[str, ...] = ("a", "b")) -> Path:
+    """Random RGB PNGs in class subfolders (labels 0, 1, ...), non-square so encoding must centre-crop them."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in classes:
+        (folder / c).mkdir(parents=True, exist_ok=True)
+        for i in range(n_per_class):
+            Image.fromarray(rng.integers(0, 256, (size, size + 4, 3), dtype=np.uint8)).save(folder / c / f"{i}.png")
+    return folder

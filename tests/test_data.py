@@ -506,7 +506,9 @@ def test_to_model_input_range_and_flip() -> None:
     a = to_model_input(u8, device="cpu", xflip=True, generator=g1)
     assert torch.equal(a, to_model_input(u8, device="cpu", xflip=True, generator=g2))
     with pytest.raises(DataError, match="uint8"):
-        to_model_input(u8.float(), device="cpu")
+        to_model_input(u8.double(), device="cpu")
+    latents = torch.randn(2, 4, 2, 3)  # float32 latents pass unchanged (they are already in the model's scale)
+    assert torch.equal(to_model_input(latents, device="cpu"), latents)
 
 
 def test_load_batch_and_dataset_checks() -> None:

@@ -60,5 +60,28 @@ def test_every_preset_is_listed_in_the_readme():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     table = readme.split("\n## Presets\n", 1)[1].split("\n## ", 1)[0]
     listed = set(re.findall(r"^\| `([^`]+)`", table, flags=re.M))
-    expanded = {n for name in listed for n in ([f"imagenet64-{s}" for s in "s m l xl".split()] if name == "imagenet64-s/m/l/xl" else [name])}
+    # A row may name sizes of one family: `imagenet64-s/m/l/xl`.
+    expanded = {f"{name.rsplit('-', 1)[0]}-{size}" if "/" in name else name
+                for name in listed for size in name.rsplit("-", 1)[-1].split("/")}
     assert set(PRESETS) <= expanded, set(PRESETS) - expanded
+
+
+def test_imagenet512_presets_have_edm2s_parameter_counts():
+    """EDM2's ImageNet-512 networks (its Table 2: XS 125M, S 280M, M 498M, L 778M, XL 1119M, XXL 1523M) on 4×64×64
+    latents, recording the VAE and normalisation that sampling decodes with."""
+    import torch
+
+    from ectune.latents import DEFAULT_VAE, EDM2_RAW_MEAN, EDM2_RAW_STD
+    from ectune.nets import build_net, count_params
+
+    published = {"xs": 125, "s": 280, "m": 498, "l": 778, "xl": 1119, "xxl": 1523}
+    for size, millions in published.items():
+        cfg = get_preset(f"imagenet512-{size}", "tune")
+        with torch.device("meta"):
+            assert abs(count_params(build_net(cfg.net)) / 1e6 - millions) < 1, size  # the table rounds to 1M
+        assert (cfg.net.img_channels, cfg.net.img_resolution, cfg.net.label_dim) == (4, 64, 1000)
+        assert (cfg.data.source, cfg.data.vae, cfg.data.latent_mean, cfg.data.latent_std) == (
+            "latents", DEFAULT_VAE, EDM2_RAW_MEAN, EDM2_RAW_STD)
+        pre = get_preset(f"imagenet512-{size}", "pretrain")
+        assert pre.net.dropout == (0.0 if size in ("xs", "s") else 0.1)  # EDM2's own dropout for diffusion
+        assert (pre.objective.P_mean, pre.objective.P_std) == (-0.4, 1.0)

@@ -147,6 +147,11 @@ class ObjectiveConfig(_Validated):
     sigma_min: float = 0.002
     sigma_max: float = 80.0
     rho: float = 7.0
+    # Guided target (ectune.guidance.GuidedDenoiser): the target pass computes f_g + w·(f − f_g), with f_g the model
+    # itself under the unconditional label (classifier-free) or, when target_guide names a model file, that weaker
+    # model (autoguidance). w = 1 is the unguided target of the paper.
+    target_guidance: float = 1.0
+    target_guide: str = ""
 
     _section = "objective"
 
@@ -169,6 +174,12 @@ class ObjectiveConfig(_Validated):
         r("sigma_min", _finite(self.sigma_min) and self.sigma_min > 0, "a number > 0")
         r("sigma_max", _finite(self.sigma_max) and self.sigma_max > self.sigma_min, f"a number > sigma_min ({self.sigma_min})")
         r("rho", _finite(self.rho) and self.rho > 0, "a number > 0")
+        r("target_guidance", _finite(self.target_guidance) and 0 <= self.target_guidance <= 100,
+          "a guidance weight w in [0, 100] (1 = no guidance, the paper's target)")
+        # Until the training step builds its target pass through ectune.guidance, a guided target would be ignored.
+        not_yet = "the training step does not use a guided target yet (ectune.guidance has the teacher)"
+        r("target_guidance", self.target_guidance == 1.0, f"1 (no guidance): {not_yet}")
+        r("target_guide", not self.target_guide, f"'' (no guide model): {not_yet}")
 
 
 @dataclass(frozen=True)
@@ -221,7 +232,7 @@ class EMAConfig(_Validated):
 class DataConfig(_Validated):
     """Where the images come from (see ectune.data)."""
 
-    source: Literal["fashion-mnist", "idx", "edm", "torchvision"] = "fashion-mnist"
+    source: Literal["fashion-mnist", "idx", "edm", "torchvision", "latents"] = "fashion-mnist"
     path: str = ""  # directory/file of the data; "" = the source's default location
     name: str = ""  # torchvision dataset class name, e.g. "CIFAR10"
     split: Literal["train", "test"] = "train"
@@ -229,11 +240,25 @@ class DataConfig(_Validated):
     use_labels: bool = False
     xflip: bool = False  # random horizontal flips, on the device
     download: bool = False  # torchvision only
+    # Latent models (docs/latents.md): the VAE (diffusers AutoencoderKL folder or Hub id) whose latents the network
+    # models, and the per-channel raw mean/std normalised to mean 0, std 0.5. "" = the network models pixels.
+    vae: str = ""
+    latent_mean: tuple[float, ...] = ()
+    latent_std: tuple[float, ...] = ()
 
     _section = "data"
 
     def check(self) -> None:
         self._require("resolution", _int_in(self.resolution, 0, 4096), "0 (native) or a size in [1, 4096]")
+        if self.source == "latents":
+            self._require("vae", bool(self.vae), "the VAE the latents were encoded with (their dataset.json names it)")
+            self._require("resolution", self.resolution == 0, "0 for data.source latents (latents are never padded)")
+        if self.vae:
+            n = len(self.latent_mean)
+            self._require("latent_mean", n > 0 and all(_finite(m) for m in self.latent_mean),
+                          "one finite raw mean per latent channel (EDM2: 5.81 3.25 0.12 -2.15)")
+            self._require("latent_std", len(self.latent_std) == n and all(_finite(s) and s > 0 for s in self.latent_std),
+                          f"{n} raw stds > 0, one per latent channel (EDM2: 4.17 4.62 3.71 3.28)")
 
 
 @dataclass(frozen=True)
@@ -335,8 +360,14 @@ class RunConfig:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def hyperparameters(self) -> dict[str, Any]:
-        """Every section but `runtime`, as JSON-able data: what a run's training state belongs to."""
-        return {k: v for k, v in to_dict(self).items() if k != "runtime"}
+        """Every section but `runtime`, as JSON-able data: what a run's training state belongs to. Fields added after
+        runs were saved (ADDED_FIELDS) are left out while they hold the value that means "as before", so the states
+        of those runs keep their hash and resume."""
+        out = {k: v for k, v in to_dict(self).items() if k != "runtime"}
+        for (section, name), before in ADDED_FIELDS.items():
+            if out.get(section, {}).get(name, object()) == before:
+                out[section] = {k: v for k, v in out[section].items() if k != name}
+        return out
 
 
 @contextlib.contextmanager
@@ -365,6 +396,11 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 # Fields whose absence from a stored config means a value other than the field's default: configs written before
 # the field existed describe runs that trained that way, so resuming such a run keeps (or refuses to change) it.
 ABSENT_FIELD_VALUES: dict[str, dict[str, Any]] = {"ObjectiveConfig": {"loss_form": "weighted_l2"}}
+# Fields added after runs were saved, with the JSON value that trains as those runs did (see hyperparameters()).
+ADDED_FIELDS: dict[tuple[str, str], Any] = {
+    ("data", "vae"): "", ("data", "latent_mean"): [], ("data", "latent_std"): [],
+    ("objective", "target_guidance"): 1.0, ("objective", "target_guide"): "",
+}
 # Fields that older versions stored and that no longer exist; they changed nothing that was trained.
 RETIRED_FIELDS: dict[str, tuple[str, ...]] = {"TrainConfig": ("num_workers",)}
 # Fields that older versions stored in another section: (class, old section) -> new section.

@@ -91,6 +91,9 @@ def reference_for_data(
     uses an evenly spaced subset of that many images (for quick checks on a CPU; the key records the subset size).
     Under torch.distributed rank 0 computes and writes the file first, so ranks never race on it.
     """
+    if data.is_latent:
+        raise ValueError(f"{data.description} holds latents, not images: a latent model's samples are decoded images, "
+                         "so its reference is a set of images (`ectune eval --ref IMAGES`; see docs/latents.md)")
     images, desc = data.images, data.description
     if max_images < 0:
         raise ValueError(f"max_images must be >= 0 (0 = all images), got {max_images}")
@@ -328,8 +331,17 @@ def evaluate_in_training(
 # ---------------------------------------------------------------------------------------------- scaling law
 
 
-def open_reference_data(cfg: RunConfig) -> ImageDataset:
-    """The model's own training data (cfg.data, train split): the reference set of `ectune eval`."""
+def open_reference_data(cfg: RunConfig, ref: str | os.PathLike | None = None) -> ImageDataset:
+    """The reference set of `ectune eval`: the EDM-layout images at `ref` if given (required for latent models, whose
+    samples are decoded images), else the model's own training data (cfg.data, train split)."""
     from dataclasses import replace
 
+    if ref is not None:
+        from .data import load_edm_dataset
+
+        return load_edm_dataset(ref, use_labels=False)
+    if cfg.data.vae:
+        raise ValueError("a latent model is evaluated on decoded images against reference images: pass --ref with a "
+                         "folder or .zip of images at the decoded resolution (e.g. `ectune convert-images IMAGES "
+                         "ref.zip --resolution 512`)")
     return open_dataset(replace(cfg.data, split="train"))

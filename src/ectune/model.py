@@ -66,6 +66,9 @@ def sample_images(
     class_labels: Tensor | None = None,
     batch: int = 256,
     device: torch.device | str = "cpu",
+    decode: bool = True,
+    guidance: float = 1.0,
+    guide: Precond | None = None,
     init_images: Tensor | None = None,
     t_start: float | None = None,
 ) -> Tensor:
@@ -73,7 +76,10 @@ def sample_images(
 
     Consistency sampling evaluates `model` with the boundary `sampling_boundary(cfg)` (sharing its weights); the
     Heun sampler of diffusion models uses `model` as it is. With `init_images` ([N or 1, C, H, W] in [-1, 1]) it is
-    image-to-image sampling (`ectune.img2img`): each image noised to `t_start`, then `steps` consistency steps."""
+    image-to-image sampling (`ectune.img2img`): each image noised to `t_start`, then `steps` consistency steps.
+    A latent model (cfg.data.vae set) returns images decoded by that VAE, or with decode=False its latents.
+    guidance = w != 1 samples f_g + w·(f − f_g) (`ectune.guidance.GuidedDenoiser`: the unconditional label as f_g,
+    or the model `guide`; 2 NFE per step)."""
     shape = (cfg.net.img_channels, cfg.net.img_resolution, cfg.net.img_resolution)
     if init_images is not None:
         if method != "consistency" or t_start is None:
@@ -90,16 +96,26 @@ def sample_images(
     else:
         sigmas = heun_sigmas(cfg.sample.heun_steps, sigma_min=cfg.sample.sigma_min, sigma_max=cfg.sample.t_max,
                              rho=cfg.sample.rho)
+    f: torch.nn.Module = model
     if method == "consistency" and sampling_boundary(cfg) != model.sigma_min_shift:
-        model = replace_precond(model, sigma_min_shift=sampling_boundary(cfg))
+        f = replace_precond(model, sigma_min_shift=sampling_boundary(cfg))
+        if guide is not None:
+            guide = replace_precond(guide, sigma_min_shift=sampling_boundary(cfg))
+    if guidance != 1.0 or guide is not None:
+        from .guidance import GuidedDenoiser
+
+        f = GuidedDenoiser(f, weight=guidance, guide=guide)
     out = []
     for i in range(0, len(seeds), batch):
         labels = None if class_labels is None else class_labels[i : i + batch].to(device)
         if init_images is not None:
-            out.append(img2img_sample(model, init_images[i : i + batch], seeds[i : i + batch], sigmas=sigmas,
-                                      class_labels=labels, device=device).cpu())
-            continue
-        out.append(
-            generate(model, seeds[i : i + batch], shape, sigmas=sigmas, method=method, class_labels=labels, device=device).cpu()
-        )
+            x = img2img_sample(f, init_images[i : i + batch], seeds[i : i + batch], sigmas=sigmas, class_labels=labels,
+                               device=device)
+        else:
+            x = generate(f, seeds[i : i + batch], shape, sigmas=sigmas, method=method, class_labels=labels, device=device)
+        if cfg.data.vae and decode:
+            from .latents import decode_to_images
+
+            x = decode_to_images(x, cfg.data, device=device)
+        out.append(x.cpu())
     return torch.cat(out)

@@ -21,6 +21,7 @@ COMMANDS = {
     "eval": "eval",
     "ref-stats": "ref_stats",
     "import-edm": "import_edm",
+    "encode-latents": "encode_latents",
     "export": "export",
     "push": "push",
 }

@@ -56,6 +56,8 @@ class EvalArgs:
     """add k-NN precision/recall (k=3) against training images"""
     pr_n: int = 10_000
     """samples and real images used for precision/recall"""
+    ref: Annotated[Path | None, optional("IMAGES", unset="the model's training data")] = None
+    """reference images (EDM folder or .zip); required for latent models, whose samples are decoded"""
     ref_max: int = 0
     """use an evenly spaced subset of this many training images (0 = all)"""
     out: Annotated[Path | None, optional("FILE", unset="eval-METRIC.json next to the model")] = None
@@ -112,7 +114,7 @@ def run(command: str, argv: Sequence[str]) -> int:
     diffusion = cfg.objective.kind == "diffusion"
     steps = parse_steps(a.steps) if a.steps is not None else (() if diffusion else (1, 2))
     ext = load_extractor(a.metric, device=device, weights=a.weights)
-    data = open_reference_data(cfg)
+    data = open_reference_data(cfg, a.ref)
     ref = reference_for_data(data, "train", ext, cache_dir=a.cache_dir, max_images=a.ref_max, batch=a.batch)
 
     search: dict[str, Any] | None = None

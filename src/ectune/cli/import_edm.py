@@ -20,8 +20,10 @@ from ..config import NetConfig, RunConfig
 from ..presets import get_preset, preset_names
 from .common import optional, parse
 
-# EDM2's ImageNet-64 sizes (REFERENCE §7) by model_channels.
+# EDM2's ImageNet-64 sizes (REFERENCE §7) by model_channels; its ImageNet-512 sizes (4-channel latents) likewise.
 _EDM2_PRESETS = {192: "imagenet64-s", 256: "imagenet64-m", 320: "imagenet64-l", 384: "imagenet64-xl"}
+_EDM2_512_PRESETS = {64: "imagenet512-xxs", 128: "imagenet512-xs", 192: "imagenet512-s", 256: "imagenet512-m",
+                     320: "imagenet512-l", 384: "imagenet512-xl", 448: "imagenet512-xxl"}
 LICENCE_NOTE = ("note: NVIDIA's public EDM/EDM2 checkpoints are licensed CC BY-NC-SA 4.0 (non-commercial, share-alike); "
                 "models tuned from them inherit those terms")
 # The preset names as choices, so that tyro lists them and refuses others; built from the registry at import time.
@@ -40,7 +42,7 @@ class ImportEdmArgs:
                     optional("{edm,edm2}", unset="guessed from the network's layout")] = None
     """which network family the pickle holds"""
     preset: Annotated[PresetName | None, optional(  # type: ignore[valid-type]
-        "{" + ",".join(preset_names()) + "}", unset="cifar10 for DDPM++ 32×32, imagenet64-s/m/l/xl for EDM2")] = None
+        "{" + ",".join(preset_names()) + "}", unset="cifar10 for DDPM++ 32×32, imagenet64-*/imagenet512-* for EDM2")] = None
     """recipe stored with the model"""
     sigma_min_shift: Annotated[float | None, optional("S", unset="the preset's")] = None
     """store this boundary f(x, σ_min) = x for consistency sampling (0.003: the public ECT checkpoints)"""
@@ -50,7 +52,9 @@ def default_preset(net: NetConfig, path: Path) -> str:
     """The preset whose recipe matches an imported network: cifar10 for DDPM++ 32×32, imagenet64-{s,m,l,xl} for EDM2."""
     if net.arch == "ddpmpp" and net.img_resolution == 32:
         return "cifar10"
-    if net.arch == "edm2" and net.model_channels in _EDM2_PRESETS:
+    if net.arch == "edm2" and net.img_channels == 4 and net.model_channels in _EDM2_512_PRESETS:
+        return _EDM2_512_PRESETS[net.model_channels]
+    if net.arch == "edm2" and net.img_channels == 3 and net.model_channels in _EDM2_PRESETS:
         return _EDM2_PRESETS[net.model_channels]
     raise ValueError(
         f"{path}: no preset matches the imported {net.arch} network ({net.img_resolution}×{net.img_resolution}, "
@@ -96,6 +100,7 @@ def run(command: str, argv: Sequence[str]) -> int:
     preset = a.preset or default_preset(net, a.pickle)
     sigma_data = float(pkl.init_kwargs.get("sigma_data", 0.5))
     cfg = imported_config(net, preset, sigma_data=sigma_data, sigma_min_shift=a.sigma_min_shift)
+    cfg, latent_note = with_encoder(cfg, pkl.encoder, a.pickle)
     sampling_boundary(cfg)  # a bad --sigma-min-shift stops here, before anything is written
     extra = {"nimg": 0, "objective": "diffusion", "imported_from": a.pickle.name, "kind": kind,
              "class_name": pkl.class_name, "preset": preset}
@@ -103,8 +108,32 @@ def run(command: str, argv: Sequence[str]) -> int:
     model, _, _ = load_model(a.out)  # proves the file loads strictly, as `ectune tune --init` will load it
     print(f"imported {kind} {pkl.class_name} from {a.pickle}: {net.arch} {count_params(model.net) / 1e6:.1f}M parameters, "
           f"{len(state)} tensors checked, recipe {preset!r} -> {a.out}")
+    if latent_note:
+        print(latent_note)
     print(LICENCE_NOTE)
     return 0
+
+
+def with_encoder(cfg: RunConfig, encoder: dict | None, path: Path) -> tuple[RunConfig, str]:
+    """cfg with the latent description of an EDM2 pickle's encoder (a VAE encoder: the model is latent; EDM2's RGB
+    encoder: pixels), and a note saying what was recorded."""
+    from ..latents.norm import DEFAULT_VAE, EDM2_RAW_MEAN, EDM2_RAW_STD
+
+    if encoder is None or "VAE" not in str(encoder.get("class_name")):
+        if cfg.net.img_channels == 4 and cfg.data.vae:
+            return cfg, (f"note: {path} names no VAE encoder; recorded the preset's VAE {cfg.data.vae} "
+                         "(override with --data.vae when tuning)")
+        return replace(cfg, data=replace(cfg.data, vae="", latent_mean=(), latent_std=())) if cfg.data.vae else cfg, ""
+    vae = encoder.get("vae_name") or DEFAULT_VAE
+    mean = tuple(encoder.get("raw_mean") or EDM2_RAW_MEAN)
+    std = tuple(encoder.get("raw_std") or EDM2_RAW_STD)
+    if len(mean) != cfg.net.img_channels or len(std) != cfg.net.img_channels:
+        raise ValueError(f"{path}: the encoder's latent mean/std have {len(mean)}/{len(std)} channels but the network "
+                         f"takes {cfg.net.img_channels}")
+    data = replace(cfg.data, source="latents", vae=vae, latent_mean=mean, latent_std=std)
+    given = "recorded" if encoder.get("raw_mean") else "EDM2's published values (the pickle records none)"
+    return replace(cfg, data=data), (f"latent model: decodes with VAE {vae}; latent mean/std per channel: {given} "
+                                     f"{list(mean)} / {list(std)}")
 
 
 def _guess_kind(state: dict, path: Path) -> str:

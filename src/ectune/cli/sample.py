@@ -43,6 +43,12 @@ class SampleArgs:
     """grid.png, images.npz, or a directory for PNGs"""
     force: Flag = False
     """consistency-sample a diffusion model anyway"""
+    guidance: float = 1.0
+    """guidance weight w: f_g + w·(f − f_g), f_g the unconditional label or --guide (1 = none; 2 NFE per step)"""
+    guide: Annotated[Path | None, optional("MODEL", unset="classifier-free: the model's unconditional label")] = None
+    """weaker or unconditional model as f_g (autoguidance)"""
+    latents: Flag = False
+    """latent models: write the model's latents (.npy or .safetensors) instead of decoded images"""
     init_image: Annotated[Path | None, optional("PATH", unset="none: generate from noise")] = None
     """image-to-image: start every sample from this image noised to --t (or --strength), then take --steps steps"""
     t: Annotated[float | None, optional("T", unset="from --strength")] = None
@@ -80,11 +86,27 @@ def run(command: str, argv: Sequence[str]) -> int:
     if a.class_label is not None and not 0 <= a.class_label < cfg.net.label_dim:
         raise ValueError(f"--class {a.class_label}: the model has {cfg.net.label_dim} classes (0..{cfg.net.label_dim - 1})")
     labels = None if a.class_label is None else torch.full((a.n,), a.class_label)
+    guide = _load_guide(a, model, cfg, device)
+    if a.latents and not cfg.data.vae:
+        raise ValueError(f"--latents: {a.model} is not a latent model (its config names no data.vae)")
+    if a.latents and a.out.suffix not in (".npy", ".safetensors"):
+        raise ValueError(f"--out {a.out}: with --latents, expected a .npy or .safetensors file")
+    if a.init_image is not None and cfg.data.vae:
+        raise ValueError(f"--init-image: {a.model} is a latent model; image-to-image sampling of latent models "
+                         "(encoding the image first) is not supported")
     init, t_start = _init_image(a, cfg)
     mine = rt_dist.rank_seeds(torch.arange(a.n), dist.rank, dist.world_size)  # positions of this rank's samples
     images = sample_images(model, cfg, seeds[mine], steps=a.steps, mid_t=a.mid_t, method=a.method,
                            class_labels=None if labels is None else labels[mine], batch=a.batch, device=device,
-                           init_images=init, t_start=t_start)
+                           init_images=init, t_start=t_start, decode=not a.latents, guidance=a.guidance, guide=guide)
+    if a.latents:
+        from ..latents.store import save_latents
+
+        latents = rt_dist.all_gather_cat(images)
+        if dist.is_main:
+            save_latents(a.out, latents, cfg.data, seeds=(a.seed, a.seed + a.n - 1))
+            print(f"wrote {a.n} latents {tuple(latents.shape[1:])} (the model's normalised space) to {a.out}")
+        return 0
     images = rt_dist.all_gather_cat(to_uint8(images))
     if dist.is_main:
         out = save_images(images, a.out)
@@ -92,6 +114,29 @@ def run(command: str, argv: Sequence[str]) -> int:
         start = "" if t_start is None else f" from {a.init_image} at t = {t_start:.4g}"
         print(f"wrote {a.n} samples ({a.method}, {steps} steps{start}, {dist.world_size} process(es)) to {out}")
     return 0
+
+
+def _load_guide(a: SampleArgs, model, cfg, device):
+    """The --guide model (autoguidance), checked against the model; None for classifier-free guidance."""
+    import math
+
+    if not (math.isfinite(a.guidance) and a.guidance >= 0):
+        raise ValueError(f"--guidance {a.guidance}: expected a number >= 0 (1 = no guidance)")
+    if a.guide is None:
+        if a.guidance != 1.0 and cfg.net.label_dim == 0:
+            raise ValueError(f"--guidance {a.guidance}: classifier-free guidance needs a class-conditional model; "
+                             "give --guide MODEL for autoguidance")
+        return None
+    from ..guidance import check_guide_matches
+    from ..model import load_model
+
+    guide, gcfg, _ = load_model(a.guide, device=device)
+    shape = lambda c: (c.net.img_channels, c.net.img_resolution, c.net.img_resolution)  # noqa: E731
+    check_guide_matches(model, guide, model_shape=shape(cfg), guide_shape=shape(gcfg), what=f"--guide {a.guide}")
+    if (gcfg.data.vae, gcfg.data.latent_mean, gcfg.data.latent_std) != (cfg.data.vae, cfg.data.latent_mean, cfg.data.latent_std):
+        raise ValueError(f"--guide {a.guide}: its latents (VAE {gcfg.data.vae or 'none'}) are not the model's "
+                         f"({cfg.data.vae or 'none'})")
+    return guide
 
 
 def _init_image(a: SampleArgs, cfg: RunConfig) -> tuple[torch.Tensor | None, float | None]:

@@ -67,6 +67,10 @@ def parse_train_args(command: str, argv: Sequence[str]) -> PretrainArgs:
 def run(command: str, argv: Sequence[str]) -> int:
     args = parse_train_args(command, argv)
     init = args.init if isinstance(args, TuneArgs) else None
+    if args.config.data.vae and args.config.runtime.eval_kimg > 0:
+        # A latent model's samples are decoded images, and the training data has no images to compare them with.
+        raise ValueError("--runtime.eval-kimg: latent models are evaluated with `ectune eval MODEL --ref IMAGES`, "
+                         "not during training; use 0")
     if args.dry_run:
         print(json.dumps(describe(args.config, command=command, init=init), indent=2))
         return 0

@@ -26,14 +26,21 @@ class ImageDataset:
     labels: Tensor | None
     num_classes: int
     description: str
+    # Latent datasets (ectune.data.latents): `images` are float32 latents (the VAE posterior mean) and, when the
+    # posterior was stored, `images_std` its std, from which `load_batch` draws a fresh latent per image seen.
+    images_std: Tensor | None = None
 
     def __post_init__(self) -> None:
         # These are programming errors of a loader, not user errors, but checking here means every loader
         # (and user code building a dataset by hand) gets the same guarantees the training loop relies on.
         im = self.images
-        if not isinstance(im, Tensor) or im.dtype != torch.uint8 or im.ndim != 4:
+        if not isinstance(im, Tensor) or im.dtype not in (torch.uint8, torch.float32) or im.ndim != 4:
             got = f"{im.dtype} {tuple(im.shape)}" if isinstance(im, Tensor) else type(im).__name__
-            raise DataError(f"{self.description}: images must be a uint8 tensor [N, C, H, W], got {got}")
+            raise DataError(f"{self.description}: images must be a uint8 (or float32 latent) tensor [N, C, H, W], got {got}")
+        std = self.images_std
+        if std is not None and (im.dtype != torch.float32 or not isinstance(std, Tensor) or std.dtype != torch.float32
+                                or std.shape != im.shape):
+            raise DataError(f"{self.description}: images_std must be float32 {tuple(im.shape)} beside float32 latents")
         if im.device.type != "cpu" or not im.is_contiguous():
             raise DataError(f"{self.description}: images must be a contiguous CPU tensor")
         if im.shape[0] == 0:
@@ -52,6 +59,11 @@ class ImageDataset:
             raise DataError(
                 f"{self.description}: labels span [{lo}, {hi}] but num_classes is {self.num_classes}"
             )
+
+    @property
+    def is_latent(self) -> bool:
+        """Whether the 'images' are float latents rather than uint8 pixels."""
+        return self.images.dtype == torch.float32
 
     @property
     def channels(self) -> int:
@@ -96,11 +108,17 @@ def pad_images(images: Tensor, resolution: int, *, where: str) -> Tensor:
     return out
 
 
-def load_batch(ds: ImageDataset, indices: Tensor) -> tuple[Tensor, Tensor | None]:
+def load_batch(ds: ImageDataset, indices: Tensor, *, positions: Tensor | None = None,
+               seed: int = 0) -> tuple[Tensor, Tensor | None]:
     """Gather one (per-rank) batch: uint8 images [B, C, H, W] and int64 labels [B] (or None).
 
     `indices` come from `global_indices`. The result stays uint8 on the CPU; pass it to
     `to_model_input` to move it to the device, where the float conversion is cheap.
+
+    Latent datasets give float32 latents instead. Where the VAE posterior was stored (`images_std`) and the stream
+    `positions` of the rows are given (like `xflip_mask`'s), row b is the draw mean + std·ε(seed, positions[b])
+    (`ectune.data.latents.posterior_noise`): a fresh latent per image seen, the same whatever the batch or rank
+    count. Without positions the posterior mean is returned.
     """
     if indices.ndim != 1 or indices.dtype != torch.int64:
         raise DataError(f"load_batch: indices must be an int64 vector, got {indices.dtype} {tuple(indices.shape)}")
@@ -111,4 +129,11 @@ def load_batch(ds: ImageDataset, indices: Tensor) -> tuple[Tensor, Tensor | None
         )
     images = ds.images.index_select(0, indices)
     labels = None if ds.labels is None else ds.labels.index_select(0, indices)
+    if ds.images_std is not None and positions is not None:
+        from .latents import posterior_noise
+
+        if positions.shape != indices.shape:
+            raise DataError(f"load_batch: positions {tuple(positions.shape)} must match indices {tuple(indices.shape)}")
+        eps = posterior_noise(positions, seed=seed, shape=tuple(images.shape[1:]))
+        images = images + ds.images_std.index_select(0, indices) * eps
     return images, labels

@@ -16,18 +16,23 @@ def to_model_input(
     generator: torch.Generator | None = None,
     flip_mask: Tensor | None = None,
 ) -> Tensor:
-    """uint8 [B, C, H, W] -> float32 [B, C, H, W] in [-1, 1] on `device` (x / 127.5 - 1).
+    """uint8 [B, C, H, W] -> float32 [B, C, H, W] in [-1, 1] on `device` (x / 127.5 - 1). float32 input (latents,
+    already in the model's scale) is moved unchanged.
 
     The uint8 tensor is transferred first and converted on the device (4x less host-to-device traffic).
     With xflip, row b is mirrored left-right where flip_mask[b] is True; pass `xflip_mask(positions, seed=...)`
     so the decision is per sample and reproducible. Without a mask a fair coin is drawn per row from
     `generator` (a CPU generator; the global RNG if None). flip_mask is only consulted when xflip is True.
     """
-    if images_u8.dtype != torch.uint8 or images_u8.ndim != 4:
+    if images_u8.dtype not in (torch.uint8, torch.float32) or images_u8.ndim != 4:
         raise DataError(
-            f"to_model_input: expected uint8 images [B, C, H, W], got {images_u8.dtype} {tuple(images_u8.shape)}"
+            f"to_model_input: expected uint8 images or float32 latents [B, C, H, W], got {images_u8.dtype} "
+            f"{tuple(images_u8.shape)}"
         )
-    x = images_u8.to(device, non_blocking=True).to(torch.float32) / 127.5 - 1.0
+    if images_u8.dtype == torch.float32:
+        x = images_u8.to(device, non_blocking=True)
+    else:
+        x = images_u8.to(device, non_blocking=True).to(torch.float32) / 127.5 - 1.0
     if not xflip:
         return x
     b = x.shape[0]

@@ -50,6 +50,8 @@ def open_dataset(cfg: DataConfig) -> ImageDataset:
             # An EDM archive is one split; silently returning the training images as 'test' would be wrong.
             raise DataError("data.split='test' has no meaning for data.source='edm'; point --data.path at the test set")
         ds = load_edm_dataset(cfg.path, use_labels=cfg.use_labels)
+    elif cfg.source == "latents":
+        return _open_latents(cfg)
     elif cfg.source == "torchvision":
         if not cfg.name:
             raise DataError("data.source='torchvision' needs --data.name, e.g. CIFAR10, MNIST or FashionMNIST")
@@ -57,7 +59,7 @@ def open_dataset(cfg: DataConfig) -> ImageDataset:
             cfg.name, root=cfg.path, split=cfg.split, use_labels=cfg.use_labels, download=cfg.download
         )
     else:
-        raise DataError(f"data.source={cfg.source!r}, expected 'fashion-mnist', 'idx', 'edm' or 'torchvision'")
+        raise DataError(f"data.source={cfg.source!r}, expected 'fashion-mnist', 'idx', 'edm', 'torchvision' or 'latents'")
 
     h, w = ds.images.shape[2:]
     if cfg.resolution and (h, w) != (cfg.resolution, cfg.resolution):
@@ -71,4 +73,19 @@ def open_dataset(cfg: DataConfig) -> ImageDataset:
     h, w = ds.images.shape[2:]
     if h != w:
         raise DataError(f"{ds.description}: images are {h}x{w}; set data.resolution >= {max(h, w)} to pad them square")
+    return ds
+
+
+def _open_latents(cfg: DataConfig) -> ImageDataset:
+    """An `ectune encode-latents` folder, checked against the VAE and normalisation the config records."""
+    from .latents import check_matches_config, load_latent_dataset
+
+    if not cfg.path:
+        raise DataError("data.source='latents' needs --data.path: a folder written by `ectune encode-latents`")
+    if cfg.split != "train":
+        raise DataError("data.split='test' has no meaning for data.source='latents'; point --data.path at the test set")
+    if cfg.resolution:
+        raise DataError(f"data.resolution={cfg.resolution}: latents are never padded; use 0 with data.source='latents'")
+    ds, meta = load_latent_dataset(cfg.path, use_labels=cfg.use_labels)
+    check_matches_config(meta, Path(cfg.path), vae=cfg.vae, latent_mean=cfg.latent_mean, latent_std=cfg.latent_std)
     return ds

@@ -478,6 +478,9 @@ class EdmPickle:
     class_name: str  # e.g. 'EDMPrecond' (EDM) or 'Precond' (EDM2)
     init_kwargs: dict[str, Any]  # the Precond's constructor keyword arguments, as pickled
     state: dict[str, Tensor]  # flat state_dict, keys as in the original code ('model.enc...' / 'unet.enc...')
+    # EDM2's data['encoder'] as data: {"class_name", "vae_name", "raw_mean", "raw_std"} (None where not recorded);
+    # None when the pickle has no encoder. Its embedded code is never run, its VAE never loaded.
+    encoder: dict[str, Any] | None = None
 
 
 def read_edm_pickle(path: str | Path, *, key: str = "ema") -> EdmPickle:
@@ -503,7 +506,32 @@ def read_edm_pickle(path: str | Path, *, key: str = "ema") -> EdmPickle:
     state: dict[str, Tensor] = {}
     _collect(net, "", state)
     init_kwargs = _plain(_state_of(net).get("_init_kwargs") or {})
-    return EdmPickle(class_name=net.class_name, init_kwargs=init_kwargs, state=state)
+    encoder = data.get("encoder") if key == "ema" else None
+    if isinstance(encoder, StandIn):
+        try:
+            _check_walkable(encoder, what="data['encoder']")
+        except PickleRefused as e:
+            raise PickleRefused(f"{path}: {e}") from None
+    return EdmPickle(class_name=net.class_name, init_kwargs=init_kwargs, state=state, encoder=describe_encoder(encoder))
+
+
+def describe_encoder(obj: Any) -> dict[str, Any] | None:
+    """What an EDM2 pickle's encoder object records, as plain data: its class name, the VAE name and the raw latent
+    mean/std when they were given to its constructor (EDM2's StabilityVAEEncoder; StandardRGBEncoder for pixels)."""
+    if not isinstance(obj, StandIn):
+        return None
+    name = obj.class_name if isinstance(obj, PersistentStandIn) else obj.stand_in_for.rsplit(".", 1)[-1]
+    state = _state_of(obj)
+    kwargs = state.get("_init_kwargs")
+    kwargs = kwargs if isinstance(kwargs, dict) else {}
+
+    def numbers(v: Any) -> list[float] | None:
+        ok = isinstance(v, (list, tuple)) and v and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+        return [float(x) for x in v] if ok else None
+
+    vae = kwargs.get("vae_name", state.get("vae_name"))
+    return {"class_name": name, "vae_name": vae if isinstance(vae, str) else None,
+            "raw_mean": numbers(kwargs.get("raw_mean")), "raw_std": numbers(kwargs.get("raw_std"))}
 
 
 def load_edm_pickle(path: str | Path) -> dict[str, Tensor]:

@@ -50,6 +50,15 @@ PAPER_CONFIGS: dict[str, NetConfig] = {
                                    concat_balance=0.5)
         for size, mc, p in [("s", 192, 0.4), ("m", 256, 0.5), ("l", 320, 0.5), ("xl", 384, 0.5)]
     },
+    # EDM2's ImageNet-512 networks: the same UNet on 4×64×64 Stable Diffusion VAE latents; dropout is EDM2's
+    # (0 up to S, 0.10 from M, at every resolution); the tuning presets set ECT's.
+    **{
+        f"img512-{size}": NetConfig(arch="edm2", img_resolution=64, img_channels=4, label_dim=1000, model_channels=mc,
+                                    channel_mult=(1, 2, 3, 4), channel_mult_noise=1, channel_mult_emb=4, num_blocks=3,
+                                    attn_resolutions=(16, 8), dropout=0.0 if mc <= 192 else 0.1, label_balance=0.5,
+                                    concat_balance=0.5)
+        for size, mc in [("xxs", 64), ("xs", 128), ("s", 192), ("m", 256), ("l", 320), ("xl", 384), ("xxl", 448)]
+    },
 }
 
 # Small networks for 32×32 single-channel images (e.g. Fashion-MNIST padded from 28×28; 28×28 also works with

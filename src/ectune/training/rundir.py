@@ -147,4 +147,8 @@ def adopt_init_architecture(cfg: RunConfig, init: Path) -> RunConfig:
     if init_cfg.precond.sigma_data != cfg.precond.sigma_data:
         raise ValueError(f"--init {init} was trained with sigma_data={init_cfg.precond.sigma_data}, "
                          f"this run uses {cfg.precond.sigma_data}")
+    latents = lambda d: (d.vae, tuple(d.latent_mean), tuple(d.latent_std))  # noqa: E731
+    if latents(init_cfg.data) != latents(cfg.data):
+        raise ValueError(f"--init {init} models latents {latents(init_cfg.data)} (VAE, raw mean, raw std; '' = pixels), "
+                         f"this run's data are {latents(cfg.data)}; set --data.vae/--data.latent-mean/--data.latent-std")
     return replace(cfg, net=net)

@@ -244,11 +244,13 @@ def small_cfg(channels: int = 3, dropout: float = 0.2, precision: str = "fp32", 
 
 
 def random_data(cfg, n: int = 64):
+    """n random uint8 images of cfg's shape, with random labels if the network is class-conditional."""
     from ectune.data import ImageDataset
 
     g = torch.Generator().manual_seed(3)
-    c, res = cfg.net.img_channels, cfg.net.img_resolution
-    return ImageDataset(torch.randint(0, 256, (n, c, res, res), dtype=torch.uint8, generator=g), None, 0, "random")
+    c, res, k = cfg.net.img_channels, cfg.net.img_resolution, cfg.net.label_dim
+    labels = torch.randint(0, k, (n,), generator=g) if k else None
+    return ImageDataset(torch.randint(0, 256, (n, c, res, res), dtype=torch.uint8, generator=g), labels, k, "random")
 
 
 def last_stage_nimg(cfg) -> int:

@@ -86,9 +86,74 @@ def test_target_guidance_field_defaults_to_the_paper_and_is_validated() -> None:
     assert ObjectiveConfig().target_guidance == 1.0 and ObjectiveConfig().target_guide == ""
     with pytest.raises(ValueError, match=r"--objective.target-guidance nan: expected a guidance weight"):
         ObjectiveConfig(target_guidance=float("nan"))
-    with pytest.raises(ValueError, match="does not use a guided target yet"):
-        ObjectiveConfig(target_guidance=2.0)
-    with pytest.raises(ValueError, match="--objective.target-guide"):
+    ObjectiveConfig(target_guidance=2.0)  # classifier-free: allowed here, checked against the net at training start
+    with pytest.raises(ValueError, match="--objective.target-guide.*would not be used"):
         ObjectiveConfig(target_guide="weak.safetensors")
     # Adding the fields did not change what older runs' training states are tied to.
     assert "target_guidance" not in RunConfig().hyperparameters()["objective"]
+
+
+def _guided_step(cfg, monkeypatch, guide=None):
+    """One training step of `cfg` on random data; returns the Passes its loss was given and the loss sum."""
+    from ectune.runtime import distributed as rt_dist
+    from ectune.training import step
+    from ectune.training.fastpath import FastPath
+
+    from conftest import random_data
+
+    seen = []
+    real = step.consistency_loss
+    monkeypatch.setattr(step, "consistency_loss", lambda f, *a, **k: seen.append(f) or real(f, *a, **k))
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    with torch.no_grad():  # away from the initialisation, whose zeroed output layer ignores the labels
+        for p in model.net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    fast = FastPath(model, cfg, dist=rt_dist.Dist(), device=torch.device("cpu"))
+    opt = step.make_optimizer(cfg, list(model.net.parameters()), torch.device("cpu"))
+    spec = step.LossSpec()
+    result = step.training_step(fast=fast, opt=opt, data=random_data(cfg, 16), cfg=cfg, spec=spec,
+                                nimg=int(cfg.train.total_kimg * 1000) - cfg.train.batch, dist=rt_dist.Dist(), guide=guide)
+    return seen[0], float(result.loss_sum)
+
+
+def test_training_step_targets_the_guided_teacher(monkeypatch) -> None:
+    """--objective.target-guidance w: the step's target pass is f_g + w·(f − f_g), here f_g = f under the
+    unconditional label; w = 1 leaves the paper's target pass untouched."""
+    from conftest import with_fields
+
+    cfg = with_fields(_conditional_cfg(), batch=8, total_kimg=0.064)
+    plain, loss_plain = _guided_step(cfg, monkeypatch)
+    assert not isinstance(plain.target, GuidedDenoiser)
+    guided_cfg = replace(cfg, objective=replace(cfg.objective, target_guidance=3.0))
+    monkeypatch.undo()
+    guided, loss_guided = _guided_step(guided_cfg, monkeypatch)
+    assert isinstance(guided.target, GuidedDenoiser) and guided.target.weight == 3.0 and guided.target.guide is None
+    assert guided.target.model is guided.student  # the same f: classifier-free guidance with the model itself
+    assert loss_guided != loss_plain
+
+
+def test_guided_target_refusals(tmp_path) -> None:
+    from ectune.presets import get_preset
+    from ectune.runtime.checkpoint import save_model
+    from ectune.training.step import load_target_guide
+
+    cfg = get_preset("fashion-mnist", "tune")
+    unconditional = replace(cfg, objective=replace(cfg.objective, target_guidance=2.0))
+    with pytest.raises(ValueError, match="needs a class-conditional model"):
+        load_target_guide(unconditional, build_model(unconditional), torch.device("cpu"))
+    other = replace(cfg, net=replace(SMALL_CONFIGS["tiny"], img_resolution=16))
+    path = tmp_path / "guide.safetensors"
+    save_model(path, build_model(other).net.state_dict(), other)
+    autoguided = replace(cfg, objective=replace(cfg.objective, target_guidance=2.0, target_guide=str(path)))
+    with pytest.raises(ValueError, match="the guide model works on"):
+        load_target_guide(autoguided, build_model(autoguided), torch.device("cpu"))
+
+
+def _conditional_cfg() -> RunConfig:
+    from ectune.presets import get_preset
+
+    cfg = get_preset("fashion-mnist", "tune")
+    net = replace(SMALL_CONFIGS["tiny"], model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(8,),
+                  label_dim=4)
+    return replace(cfg, net=net)

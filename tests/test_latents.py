@@ -73,6 +73,38 @@ def test_posterior_draw_is_mean_plus_std_times_keyed_noise() -> None:
         ImageDataset(mean, None, 0, "bad", images_std=std[:2])
 
 
+def test_training_draws_a_fresh_posterior_latent_per_image_seen(monkeypatch) -> None:
+    """The training step gives each row its position (images seen) and the run's seed: row b of the step at nimg is
+    mean + std·ε(seed, nimg + b), ε recomputed independently here."""
+    from ectune.data import global_indices
+    from ectune.model import build_model
+    from ectune.nets import SMALL_CONFIGS
+    from ectune.objectives import LossSpec
+    from ectune.presets import get_preset
+    from ectune.runtime import distributed as rt_dist
+    from ectune.training import step
+    from ectune.training.fastpath import FastPath
+
+    cfg = get_preset("fashion-mnist", "pretrain")
+    net = replace(SMALL_CONFIGS["tiny"], img_channels=4, img_resolution=8, model_channels=16, channel_mult=(1,),
+                  num_blocks=1, attn_resolutions=())
+    cfg = replace(cfg, net=net, train=replace(cfg.train, batch=4, seed=5))
+    g = torch.Generator().manual_seed(2)
+    mean, std = torch.randn(10, 4, 8, 8, generator=g), torch.rand(10, 4, 8, 8, generator=g)
+    data = ImageDataset(mean, None, 0, "latents", images_std=std)
+    seen = []
+    real = step.to_model_input
+    monkeypatch.setattr(step, "to_model_input", lambda images, **k: seen.append(images) or real(images, **k))
+    model = build_model(cfg)
+    fast = FastPath(model, cfg, dist=rt_dist.Dist(), device=torch.device("cpu"))
+    opt = step.make_optimizer(cfg, list(model.net.parameters()), torch.device("cpu"))
+    nimg = 12
+    step.training_step(fast=fast, opt=opt, data=data, cfg=cfg, spec=LossSpec(), nimg=nimg, dist=rt_dist.Dist())
+    idx = global_indices(10, seed=5, start=nimg, count=4)
+    want = torch.stack([mean[i] + std[i] * _independent_eps(5, nimg + b, (4, 8, 8)) for b, i in enumerate(idx)])
+    assert torch.equal(seen[0], want)
+
+
 def test_vae_loads_by_path_and_reports_bad_sources(vae_dir: Path, tmp_path: Path) -> None:
     from ectune.latents import load_vae
 

@@ -176,10 +176,8 @@ class ObjectiveConfig(_Validated):
         r("rho", _finite(self.rho) and self.rho > 0, "a number > 0")
         r("target_guidance", _finite(self.target_guidance) and 0 <= self.target_guidance <= 100,
           "a guidance weight w in [0, 100] (1 = no guidance, the paper's target)")
-        # Until the training step builds its target pass through ectune.guidance, a guided target would be ignored.
-        not_yet = "the training step does not use a guided target yet (ectune.guidance has the teacher)"
-        r("target_guidance", self.target_guidance == 1.0, f"1 (no guidance): {not_yet}")
-        r("target_guide", not self.target_guide, f"'' (no guide model): {not_yet}")
+        r("target_guide", not self.target_guide or self.target_guidance != 1.0,
+          "'' unless --objective.target-guidance is not 1 (with w = 1 the guide model would not be used)")
 
 
 @dataclass(frozen=True)

@@ -90,12 +90,13 @@ class FastPath:
             self._guard = DeviceStepGuard(params)
         return self._guard
 
-    def load_rows(self, data: ImageDataset, indices: Tensor) -> tuple[Tensor, Tensor | None]:
-        """uint8 images and labels of `indices`, on the device. On CUDA a dataset that fits easily is copied to the GPU
-        once and gathered there (no per-step host gather or pageable copy); otherwise `load_batch` on the host."""
-        resident = self._resident_data(data)
+    def load_rows(self, data: ImageDataset, indices: Tensor, *, positions: Tensor, seed: int) -> tuple[Tensor, Tensor | None]:
+        """Images (or latents) and labels of `indices`, on the device; `positions` and `seed` key the fresh posterior
+        draw of latent datasets that store one (`load_batch`). On CUDA a dataset that fits easily is copied to the
+        GPU once and gathered there (no per-step host gather or pageable copy); otherwise `load_batch` on the host."""
+        resident = None if data.images_std is not None else self._resident_data(data)
         if resident is None:
-            images, labels = load_batch(data, indices)
+            images, labels = load_batch(data, indices, positions=positions, seed=seed)
             return images, None if labels is None else labels.to(self.device)
         images_dev, labels_dev = resident
         if indices.ndim != 1 or indices.dtype != torch.int64:

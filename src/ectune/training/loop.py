@@ -29,7 +29,7 @@ from .fastpath import FastPath
 from .report import IntervalMeter, JobProgress, Reporter
 from .rundir import RunDir
 from .state import check_data_matches, freeze_unused_parameters, restore, save_checkpoint
-from .step import make_optimizer, set_learning_rate, step_precision, training_step
+from .step import load_target_guide, make_optimizer, set_learning_rate, step_precision, training_step
 
 
 class TrainingError(RuntimeError):
@@ -76,6 +76,7 @@ def train(
     rt_dist.check_same_across_ranks(nimg, what=f"images seen in {run.state}")
     freeze_unused_parameters(net)
     fast = FastPath(model, cfg, dist=dist, device=device)
+    guide = load_target_guide(cfg, model, device)  # None unless the target is guided
     spec = loss_spec(cfg.objective, data_dim=cfg.net.img_channels * cfg.net.img_resolution**2,
                      sigma_data=cfg.precond.sigma_data)
     ema_model = build_model(cfg).to(device).eval()
@@ -99,7 +100,7 @@ def train(
         if (p := step_precision(cfg, nimg, device)) != precision:  # a stage changed the precision (and the speed)
             precision = p
             reporter.log(f"precision from {nimg / 1000:.1f} kimg: {_describe(p, device)}")
-        step = training_step(fast=fast, opt=opt, data=data, cfg=cfg, spec=spec, nimg=nimg, dist=dist)
+        step = training_step(fast=fast, opt=opt, data=data, cfg=cfg, spec=spec, nimg=nimg, dist=dist, guide=guide)
         nimg += cfg.train.batch
         if step.kept:
             bad_in_a_row = 0

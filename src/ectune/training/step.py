@@ -7,6 +7,7 @@ an uninterrupted one and the result does not depend on the number of processes.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -15,6 +16,7 @@ from torch import Tensor, nn
 
 from ..config import RunConfig
 from ..data import ImageDataset, global_indices, to_model_input, xflip_mask
+from ..guidance import GuidedDenoiser
 from ..losses import consistency_loss
 from ..objectives import LossSpec, draw_t_r, largest_r_over_t
 from ..precond import Precision, resolve_precision
@@ -46,10 +48,11 @@ def step_generator(seed: int, nimg: int, device: torch.device | str = "cpu") -> 
 
 def training_step(
     *, fast: FastPath, opt: torch.optim.Optimizer, data: ImageDataset, cfg: RunConfig, spec: LossSpec, nimg: int,
-    dist: rt_dist.Dist,
+    dist: rt_dist.Dist, guide: nn.Module | None = None,
 ) -> StepResult:
     """One optimiser step on the global batch that starts at `nimg`. A skipped step leaves weights and optimiser
-    state unchanged."""
+    state unchanged. With --objective.target-guidance w ≠ 1 the target pass is the guided teacher
+    f_g + w·(f − f_g) (ectune.guidance), f_g being `guide` or, without one, f under the unconditional label."""
     device, world = fast.device, dist.world_size
     B, accum = cfg.train.batch, cfg.train.accum
     per_round = B // (accum * world)
@@ -57,12 +60,17 @@ def training_step(
     t, r = draw_t_r(cfg.objective, n=B, nimg=nimg, total_nimg=cfg.train.total_kimg * 1000, generator=g)  # on the host
     keys = torch.randint(0, 2**31 - 1, (B,), generator=g)
     indices = global_indices(len(data), seed=cfg.train.seed, start=nimg, count=B)
-    flips = xflip_mask(torch.arange(nimg, nimg + B), seed=cfg.train.seed)
+    positions = torch.arange(nimg, nimg + B)  # each image seen's own stream: flips, latent posterior draws
+    flips = xflip_mask(positions, seed=cfg.train.seed)
     shape = (cfg.net.img_channels, cfg.net.img_resolution, cfg.net.img_resolution)
     eps = torch.randn((B, *shape), generator=step_generator(cfg.train.seed, nimg, device), device=device)
 
     apply_step_precision(fast.model, cfg, nimg=nimg, device=device)
     passes, guard = fast.passes(), fast.step_guard(opt)
+    if cfg.objective.target_guidance != 1.0:
+        teacher = GuidedDenoiser(passes.target, weight=cfg.objective.target_guidance, guide=guide,
+                                 label_dim=cfg.net.label_dim)
+        passes = dataclasses.replace(passes, target=teacher)
     if guard is not None:
         guard.zero_grads()
     else:
@@ -70,7 +78,7 @@ def training_step(
     loss_sum = torch.zeros((), device=device)
     for rnd in range(accum):
         rows = slice((rnd * world + dist.rank) * per_round, (rnd * world + dist.rank + 1) * per_round)
-        images, labels = fast.load_rows(data, indices[rows])
+        images, labels = fast.load_rows(data, indices[rows], positions=positions[rows], seed=cfg.train.seed)
         x0 = to_model_input(images, device=device, xflip=cfg.data.xflip, flip_mask=flips[rows])
         with fast.no_sync(last_round=rnd == accum - 1):
             loss = consistency_loss(passes, x0, t[rows], r[rows], eps[rows], spec=spec, class_labels=labels,
@@ -85,6 +93,28 @@ def training_step(
     kept_now = _step_with_host_check(opt, fast.model.net, loss_sum, grad_clip=cfg.optim.grad_clip)
     return StepResult(loss_sum if kept_now else torch.zeros((), device=device), r_over_t,
                       StepFlag(torch.tensor(kept_now)))
+
+
+def load_target_guide(cfg: RunConfig, model: nn.Module, device: torch.device) -> nn.Module | None:
+    """The frozen guide model of a guided target (--objective.target-guide), or None; refuses a guided target that
+    cannot be built (classifier-free guidance of an unconditional model, a guide for other data)."""
+    obj = cfg.objective
+    if obj.target_guidance == 1.0:
+        return None
+    if not obj.target_guide:
+        if cfg.net.label_dim == 0:
+            raise ValueError(f"--objective.target-guidance {obj.target_guidance} without --objective.target-guide is "
+                             "classifier-free guidance, which needs a class-conditional model (--net.label-dim > 0); "
+                             "name a weaker model with --objective.target-guide for autoguidance")
+        return None
+    from ..guidance import check_guide_matches
+    from ..model import load_model
+
+    guide, guide_cfg, _ = load_model(obj.target_guide, device=device)
+    shape = lambda c: (c.net.img_channels, c.net.img_resolution, c.net.img_resolution)  # noqa: E731
+    check_guide_matches(model, guide, model_shape=shape(cfg), guide_shape=shape(guide_cfg),
+                        what=f"--objective.target-guide {obj.target_guide}")
+    return guide.eval().requires_grad_(False)
 
 
 def _step_with_host_check(opt: torch.optim.Optimizer, net: nn.Module, loss_sum: Tensor, *, grad_clip: float) -> bool:

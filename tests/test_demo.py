@@ -42,14 +42,16 @@ def test_plan_configs_scale_the_schedule_with_the_budget():
 def test_a_rerun_resumes_the_stored_plan_without_measuring(tmp_path, monkeypatch):
     import ectune.demo as demo
 
-    monkeypatch.setattr(demo, "measure_speed", lambda: (10.0, 15.0, 20.0))
+    monkeypatch.setattr(demo, "fastest_threads", lambda log: (1, (10.0, 15.0, 20.0)))
     first = load_or_make_plan(tmp_path, minutes=10, kimg=None, log=lambda m: None)
-    assert json.loads((tmp_path / "demo.json").read_text())["tune_kimg"] == 14.72
+    stored = json.loads((tmp_path / "demo.json").read_text())
+    assert stored["tune_kimg"] == 14.72 and stored["threads"] == 1
+    assert first.configs()[0].runtime.threads == 1
 
-    def no_measuring():
+    def no_measuring(log):
         raise AssertionError("a rerun must not measure again")
 
-    monkeypatch.setattr(demo, "measure_speed", no_measuring)
+    monkeypatch.setattr(demo, "fastest_threads", no_measuring)
     said = []
     again = load_or_make_plan(tmp_path, minutes=3, kimg=None, log=said.append)
     assert again == first and "resuming the plan" in said[0]

@@ -321,6 +321,10 @@ class RuntimeConfig(_Validated):
     resume one run (a resume on another machine, a longer save interval) without changing what is trained."""
 
     device: str = "auto"
+    # CPU threads of torch's kernels; 0 = torch's default (one per core). On a machine whose cores are shared with
+    # other work, fewer threads than cores can be several times faster (benchmarks/cpu_speed.py; `ectune demo` times
+    # both and picks). The results differ only by float rounding (kernels sum in another order).
+    threads: int = 0
     compile: bool = False
     tf32: bool = False  # TF32 for all fp32 convolutions/matmuls on CUDA (it rounds their inputs to 10 mantissa bits)
     # Recompute GroupNorm + SiLU in backward instead of saving the norm output (bit-identical gradients, about a
@@ -339,6 +343,7 @@ class RuntimeConfig(_Validated):
 
     def check(self) -> None:
         r = self._require
+        r("threads", _int_in(self.threads, 0, 1024), "an integer in [0, 1024] (0 = torch's default)")
         for name in ("status_kimg", "save_kimg", "sample_kimg", "eval_kimg"):
             r(name, _finite(getattr(self, name)) and getattr(self, name) >= 0, "a number >= 0")
         r("eval_n", _int_in(self.eval_n, 2, 1 << 24), "an integer >= 2 (a covariance needs 2 samples)")

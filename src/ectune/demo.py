@@ -37,6 +37,7 @@ class Plan:
     tune_sec_per_kimg: float
     sample_sec: float
     minutes: float
+    threads: int = 0  # CPU threads (RuntimeConfig.threads; 0 = torch's default)
 
     @property
     def expected_sec(self) -> float:
@@ -52,13 +53,14 @@ class Plan:
             scale = kimg / cfg.train.total_kimg
             cfg = replace(cfg, train=replace(cfg.train, total_kimg=kimg),
                           ema=replace(cfg.ema, halflife_kimg=cfg.ema.halflife_kimg * scale),
-                          runtime=replace(cfg.runtime, status_kimg=_round_kimg(kimg / 12, cfg), save_kimg=_round_kimg(kimg / 4, cfg),
-                                          sample_kimg=kimg))
+                          runtime=replace(cfg.runtime, status_kimg=_round_kimg(kimg / 12, cfg),
+                                          save_kimg=_round_kimg(kimg / 4, cfg), sample_kimg=kimg, threads=self.threads))
             out.append(cfg)
         return out[0], out[1]
 
 
-def plan_budget(*, minutes: float, pretrain_sec_per_kimg: float, tune_sec_per_kimg: float, sample_sec: float) -> Plan:
+def plan_budget(*, minutes: float, pretrain_sec_per_kimg: float, tune_sec_per_kimg: float, sample_sec: float,
+                threads: int = 0) -> Plan:
     """The largest budgets with pretraining = 2 × tuning images that fit `minutes` (less OVERHEAD), capped at the
     preset's own budgets and rounded down to whole steps of ten batches."""
     pre, tune = get_preset(PRESET, "pretrain"), get_preset(PRESET, "tune")
@@ -68,13 +70,37 @@ def plan_budget(*, minutes: float, pretrain_sec_per_kimg: float, tune_sec_per_ki
     tune_kimg = min(tune.train.total_kimg, max(unit, math.floor(tune_kimg / unit) * unit))
     pretrain_kimg = min(pre.train.total_kimg, 2 * tune_kimg)
     return Plan(round(pretrain_kimg, 3), round(tune_kimg, 3), pretrain_sec_per_kimg, tune_sec_per_kimg, sample_sec,
-                minutes)
+                minutes, threads)
 
 
-def measure_speed(*, steps: int = 3) -> tuple[float, float, float]:
-    """(pretrain sec/kimg, tune sec/kimg, sampling seconds) on this machine: `steps` timed training steps of each
-    phase after one untimed step (tuning in its last stage, where the target pass covers nearly every row), and
-    the grids' network evaluations at the measured forward speed."""
+def measure_speed(*, threads: int = 0, steps: int = 3) -> tuple[float, float, float]:
+    """(pretrain sec/kimg, tune sec/kimg, sampling seconds) on this machine with `threads` CPU threads (0 = torch's
+    default): `steps` timed training steps of each phase after one untimed step (tuning in its last stage, where
+    the target pass covers nearly every row), and the grids' network evaluations at the measured forward speed."""
+    default_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _measure(steps)
+    finally:
+        torch.set_num_threads(default_threads)
+
+
+def fastest_threads(log) -> tuple[int, tuple[float, float, float]]:
+    """(threads, its measure_speed) for the faster of torch's default and one thread. A 2-core machine whose cores
+    are shared with other work can run several times faster on one thread (benchmarks/cpu_speed.py)."""
+    results = {0: measure_speed()}
+    if torch.get_num_threads() > 1 and not torch.cuda.is_available():
+        results[1] = measure_speed(threads=1)
+    total = {t: 2 * r[0] + r[1] for t, r in results.items()}
+    best = min(total, key=total.get)
+    if len(results) > 1:
+        log(f"  {torch.get_num_threads()} threads: {1000 / results[0][0]:.0f} img/s pretraining; 1 thread: "
+            f"{1000 / results[1][0]:.0f} img/s; using {'1 thread' if best == 1 else 'the default'}")
+    return best, results[best]
+
+
+def _measure(steps: int) -> tuple[float, float, float]:
     from .data import open_dataset
     from .model import build_model
     from .objectives import loss_spec, stage_nimg
@@ -130,8 +156,9 @@ def load_or_make_plan(runs: Path, *, minutes: float, kimg: tuple[float, float] |
         plan = Plan(kimg[0], kimg[1], math.nan, math.nan, math.nan, minutes)
     else:
         log("timing a few training steps on this machine to size the job ...")
-        pre, tune, sample = measure_speed()
-        plan = plan_budget(minutes=minutes, pretrain_sec_per_kimg=pre, tune_sec_per_kimg=tune, sample_sec=sample)
+        threads, (pre, tune, sample) = fastest_threads(log)
+        plan = plan_budget(minutes=minutes, pretrain_sec_per_kimg=pre, tune_sec_per_kimg=tune, sample_sec=sample,
+                           threads=threads)
     runs.mkdir(parents=True, exist_ok=True)
     from .runtime.checkpoint import atomic_write_text
 

@@ -86,7 +86,7 @@ def train(
     reporter = Reporter(run.root, total_kimg=stop_nimg / 1000, start_kimg=nimg / 1000, enabled=dist.is_main,
                         progress=show_progress, job=job, phase=command)
     reporter.log(f"{command}: {count_params(net) / 1e6:.2f}M parameters, {len(data)} images ({data.description}), "
-                 f"device {device}, {dist.world_size} process(es), starting at {nimg / 1000:.1f} kimg")
+                 f"device {device}, {dist.world_size} process(es), starting at {nimg / 1000:g} kimg")
     rt = cfg.runtime
     status, save = Every(rt.status_kimg, nimg, at_end=True), Every(rt.save_kimg, nimg, at_end=True)
     sample, evaluate = Every(rt.sample_kimg, nimg), Every(rt.eval_kimg, nimg)
@@ -190,6 +190,8 @@ def _processes(cfg: RunConfig) -> tuple[rt_dist.Dist, torch.device]:
         torch.cuda.set_device(device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # TF32 is part of each step's precision (step.apply_step_precision)
+    elif cfg.runtime.threads > 0:
+        torch.set_num_threads(cfg.runtime.threads)
     return dist, device
 
 

@@ -121,8 +121,14 @@ class RunDir:
         """Whether a training state with `state_hash` was saved by a run of `cfg`. States saved before the runtime
         settings had their own section hashed them inside `train`, at their defaults; those resume too."""
         legacy = cfg.hyperparameters()
-        legacy["train"] = {**legacy["train"], **to_dict(RuntimeConfig())}
+        runtime = to_dict(RuntimeConfig())
+        legacy["train"] = {**legacy["train"], **{k: runtime[k] for k in _RUNTIME_FIELDS_IN_TRAIN}}
         return state_hash in (RunDir.config_hash(cfg), _hash(legacy))
+
+
+# The runtime settings that configs kept in `train` before `runtime` was a section (hashed there at their defaults).
+_RUNTIME_FIELDS_IN_TRAIN = ("status_kimg", "save_kimg", "sample_kimg", "eval_kimg", "eval_metric", "eval_n", "device",
+                            "compile", "tf32", "recompute_norms", "max_bad_steps")
 
 
 def _hash(data: dict) -> str:

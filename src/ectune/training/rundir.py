@@ -121,15 +121,14 @@ class RunDir:
         """Whether a training state with `state_hash` was saved by a run of `cfg`. States saved before the runtime
         settings had their own section hashed them inside `train`, at their defaults; those resume too."""
         legacy = cfg.hyperparameters()
-        runtime = {k: v for k, v in to_dict(RuntimeConfig()).items() if k in _LEGACY_RUNTIME_FIELDS}
-        legacy["train"] = {**legacy["train"], **runtime}
+        runtime = to_dict(RuntimeConfig())
+        legacy["train"] = {**legacy["train"], **{k: runtime[k] for k in _RUNTIME_FIELDS_IN_TRAIN}}
         return state_hash in (RunDir.config_hash(cfg), _hash(legacy))
 
 
-# The runtime fields that lived in the train section when states were hashed that way (fields added to the
-# runtime section since then were never part of such a hash).
-_LEGACY_RUNTIME_FIELDS = ("device", "compile", "tf32", "recompute_norms", "status_kimg", "save_kimg", "sample_kimg",
-                          "eval_kimg", "eval_metric", "eval_n", "max_bad_steps")
+# The runtime settings that configs kept in `train` before `runtime` was a section (hashed there at their defaults).
+_RUNTIME_FIELDS_IN_TRAIN = ("status_kimg", "save_kimg", "sample_kimg", "eval_kimg", "eval_metric", "eval_n", "device",
+                            "compile", "tf32", "recompute_norms", "max_bad_steps")
 
 
 def _hash(data: dict) -> str:

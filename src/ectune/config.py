@@ -338,6 +338,13 @@ class RuntimeConfig(_Validated):
     eval_metric: str = "lite0"
     eval_n: int = 2000
     max_bad_steps: int = 20  # consecutive non-finite steps before stopping
+    # Trackers (docs/usage.md#trackers), fed by rank 0 from the records of stats.jsonl and the sample grids.
+    tensorboard: bool = False  # event files in RUN/tensorboard (needs ectune[tensorboard])
+    wandb: bool = False  # Weights & Biases run named after the run directory (needs ectune[wandb])
+    wandb_mode: Literal["offline", "online"] = "offline"  # offline: files in RUN/wandb, upload later with `wandb sync`
+    wandb_project: str = ""  # "" = the name of the run directory's parent folder
+    # Signals that save the training state at the current step and stop (exit code 75; docs/scaling.md#slurm).
+    save_on_signal: tuple[str, ...] = ("USR1", "TERM")
 
     _section = "runtime"
 
@@ -348,6 +355,20 @@ class RuntimeConfig(_Validated):
             r(name, _finite(getattr(self, name)) and getattr(self, name) >= 0, "a number >= 0")
         r("eval_n", _int_in(self.eval_n, 2, 1 << 24), "an integer >= 2 (a covariance needs 2 samples)")
         r("max_bad_steps", _int_in(self.max_bad_steps, 1, 1 << 30), "an integer >= 1")
+        r("save_on_signal", signal_names(self.save_on_signal) is not None,
+          f"signal names among {', '.join(SAVE_SIGNALS)} (e.g. USR1 TERM or USR1,TERM), or none")
+
+
+SAVE_SIGNALS = ("USR1", "USR2", "TERM", "INT", "HUP")
+
+
+def signal_names(values: tuple[str, ...]) -> tuple[str, ...] | None:
+    """--runtime.save-on-signal as names from SAVE_SIGNALS ('SIGUSR1', 'usr1' and 'USR1,TERM' are accepted; 'none'
+    or no value: ()), or None if one is not a signal that can save."""
+    names = [n.strip().upper().removeprefix("SIG") for v in values for n in str(v).split(",") if n.strip()]
+    if names == ["NONE"]:
+        return ()
+    return tuple(dict.fromkeys(names)) if all(n in SAVE_SIGNALS for n in names) else None
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from typing import Sequence
 
@@ -40,6 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ectune: unknown command {command!r}; expected one of {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     from ..runtime import distributed as rt_dist
+    from ..training.signals import EXIT_INTERRUPTED, TrainingInterrupted
 
     owns_process_group = not rt_dist.is_initialized()  # under torchrun the command itself joins the group
     try:
@@ -48,6 +50,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if owns_process_group and code == 0:
             rt_dist.shutdown()  # on success only: after a failure the other ranks may never arrive
         return code
+    except TrainingInterrupted as exc:  # saved on --runtime.save-on-signal; every rank stopped at the same step
+        if owns_process_group:
+            rt_dist.shutdown()
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"ectune {command}: {exc}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except KeyboardInterrupt:
         print("ectune: interrupted; rerun the same command to resume from the last save", file=sys.stderr)
         return 130

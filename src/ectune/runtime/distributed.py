@@ -116,6 +116,15 @@ def check_same_across_ranks(value: int, *, what: str) -> None:
         )
 
 
+def max_across_ranks(value: int) -> int:
+    """The largest of every rank's `value` (all ranks get it); `value` itself without a process group."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=_comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t)
+
+
 def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 

@@ -28,6 +28,7 @@ from ..sampling import to_uint8
 from .fastpath import FastPath
 from .report import IntervalMeter, JobProgress, Reporter
 from .rundir import RunDir
+from .signals import SaveOnSignal, TrainingInterrupted
 from .state import check_data_matches, freeze_unused_parameters, restore, save_checkpoint
 from .step import load_target_guide, make_optimizer, set_learning_rate, step_precision, training_step
 
@@ -84,7 +85,7 @@ def train(
     total_nimg = int(cfg.train.total_kimg * 1000)
     stop_nimg = total_nimg if until_kimg is None else min(total_nimg, int(until_kimg * 1000))
     reporter = Reporter(run.root, total_kimg=stop_nimg / 1000, start_kimg=nimg / 1000, enabled=dist.is_main,
-                        progress=show_progress, job=job, phase=command)
+                        progress=show_progress, job=job, phase=command, cfg=cfg)
     reporter.log(f"{command}: {count_params(net) / 1e6:.2f}M parameters, {len(data)} images ({data.description}), "
                  f"device {device}, {dist.world_size} process(es), starting at {nimg / 1000:g} kimg")
     rt = cfg.runtime
@@ -93,6 +94,7 @@ def train(
     meter = IntervalMeter(device)
     bad_in_a_row, last_loss, last_save = 0, math.nan, None
     precision = None
+    signals = SaveOnSignal(rt.save_on_signal)  # handlers that only record a signal; checked after each step
 
     model.train()
     while nimg < stop_nimg:
@@ -126,7 +128,9 @@ def train(
             save_checkpoint(run, cfg, net=net, opt=opt, ema=ema, nimg=nimg, skipped=skipped, is_main=dist.is_main)
             last_save = nimg
         if sample.due(nimg, done):
-            save_sample_grids(run, cfg, ema_model=ema_model, ema=ema, nimg=nimg, device=device, is_main=dist.is_main)
+            grids = save_sample_grids(run, cfg, ema_model=ema_model, ema=ema, nimg=nimg, device=device,
+                                      is_main=dist.is_main)
+            reporter.images(nimg / 1000, grids)
         if evaluate.due(nimg, done):
             from ..evaluation import evaluate_in_training
 
@@ -134,7 +138,13 @@ def train(
             record = evaluate_in_training(ema_model, cfg, data, nimg=nimg, device=device)  # all ranks take part
             if dist.is_main:
                 reporter.metric(record)
+        if not done and (signum := signals.requested()):  # every rank gets the same answer at the same step
+            if last_save != nimg:
+                save_checkpoint(run, cfg, net=net, opt=opt, ema=ema, nimg=nimg, skipped=skipped, is_main=dist.is_main)
+            raise _interrupted(SaveOnSignal.name(signum), nimg=nimg, run=run, reporter=reporter, signals=signals,
+                               is_main=dist.is_main)
 
+    signals.restore()
     reporter.close()
     rt_dist.barrier()
     if dist.is_main:
@@ -162,10 +172,11 @@ class Every:
 
 @torch.no_grad()
 def save_sample_grids(run: RunDir, cfg: RunConfig, *, ema_model: Precond, ema: EMA, nimg: int, device: torch.device,
-                      is_main: bool) -> None:
-    """Fixed-seed sample grids from the EMA weights: Heun for diffusion models, 1 and 2 steps otherwise."""
+                      is_main: bool) -> dict[str, Path]:
+    """Fixed-seed sample grids from the EMA weights: Heun for diffusion models, 1 and 2 steps otherwise.
+    Returns the grid files written, by sampler name ({} on ranks other than 0)."""
     if not is_main:
-        return
+        return {}
     ema_model.net.load_state_dict(ema.state_dict(0))
     seeds = torch.arange(64)
     kimg = f"{nimg // 1000:06d}"
@@ -175,10 +186,13 @@ def save_sample_grids(run: RunDir, cfg: RunConfig, *, ema_model: Precond, ema: E
         runs = {"1step": dict(steps=1), "2step": dict(steps=2)}
     from ..imageio import save_images
 
+    written = {}
     for name, kwargs in runs.items():
         images = to_uint8(sample_images(ema_model, cfg, seeds, device=device, batch=64, **kwargs))
         save_images(images, run.samples / f"{name}-{kimg}.png")
         save_images(images, run.root / f"samples-{name}.png")
+        written[name] = run.samples / f"{name}-{kimg}.png"
+    return written
 
 
 def _processes(cfg: RunConfig) -> tuple[rt_dist.Dist, torch.device]:
@@ -200,6 +214,19 @@ def _too_many_bad_steps(count: int, *, nimg: int, run: RunDir, last_save: int | 
             else "nothing was saved by this command")
     return TrainingError(f"{count} consecutive steps had non-finite losses, gradients or updated weights at "
                          f"{nimg / 1000:.1f} kimg; stopping ({last}). Lower --optim.lr or check the data.")
+
+
+def _interrupted(signal_name: str, *, nimg: int, run: RunDir, reporter: Reporter, signals: SaveOnSignal,
+                 is_main: bool) -> TrainingInterrupted:
+    """Stopping on a signal once the state at `nimg` is saved: log it, close the trackers, release the run."""
+    error = TrainingInterrupted(signal_name, nimg, run.state)
+    reporter.log(f"{error}")
+    signals.restore()
+    reporter.close()
+    rt_dist.barrier()
+    if is_main:
+        run.release_lock()
+    return error
 
 
 def _describe(p: Precision, device: torch.device) -> str:

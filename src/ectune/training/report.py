@@ -12,8 +12,10 @@ from tqdm import tqdm
 import torch
 from torch import Tensor
 
+from ..config import RunConfig
 from ..runtime import distributed as rt_dist
 from ..runtime.checkpoint import atomic_write
+from .trackers import metric_scalars, open_trackers, status_scalars
 
 
 class JobProgress:
@@ -56,10 +58,11 @@ class JobProgress:
 class Reporter:
     """Collects per-interval statistics and writes them. Every method is a no-op on ranks other than 0.
 
-    Progress goes to its own bar (`progress`), or to one phase of a `job`'s bar."""
+    Progress goes to its own bar (`progress`), or to one phase of a `job`'s bar. The trackers `cfg.runtime`
+    switches on (ectune.training.trackers) get the same records."""
 
     def __init__(self, run_dir: Path, *, total_kimg: float, start_kimg: float, enabled: bool = True,
-                 progress: bool = True, job: JobProgress | None = None, phase: str = "") -> None:
+                 progress: bool = True, job: JobProgress | None = None, phase: str = "", cfg: RunConfig | None = None) -> None:
         self.run_dir, self.enabled, self.progress = run_dir, enabled, progress or job is not None
         self.stats_path, self.log_path = run_dir / "stats.jsonl", run_dir / "log.txt"
         self.job = job if enabled else None
@@ -70,6 +73,7 @@ class Reporter:
             self.job.start(phase, total_kimg=total_kimg, start_kimg=start_kimg)
         self.last_kimg = start_kimg
         self.start_time = time.time()
+        self.trackers = open_trackers(cfg if enabled else None, run_dir)
 
     def log(self, message: str) -> None:
         if not self.enabled:
@@ -96,6 +100,7 @@ class Reporter:
         with open(self.stats_path, "a") as f:
             f.write(json.dumps(stats) + "\n")
         plot_curves(self.stats_path, self.run_dir / "loss.png")
+        self.trackers.log_scalars(stats["kimg"], status_scalars(stats))
 
     def metric(self, record: dict[str, Any]) -> None:
         """An evaluation result during training: {'kimg', 'metric_name', 'metric_value', ...}."""
@@ -106,9 +111,17 @@ class Reporter:
         with open(self.stats_path, "a") as f:
             f.write(json.dumps(record) + "\n")
         plot_curves(self.stats_path, self.run_dir / "loss.png")
+        self.trackers.log_scalars(record["kimg"], metric_scalars(record))
+
+    def images(self, kimg: float, grids: dict[str, Path]) -> None:
+        """Sample grids written at `kimg` (name -> PNG), for the trackers as samples/<name>."""
+        if self.enabled:
+            for name, path in grids.items():
+                self.trackers.log_image(f"samples/{name}", kimg, path)
 
     def close(self) -> None:
         self.bar.close()
+        self.trackers.close()
 
 
 class IntervalMeter:

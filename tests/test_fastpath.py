@@ -183,6 +183,7 @@ def test_throughput_no_cuda_message():
     assert out.returncode == 0 and "no CUDA device" in out.stdout
 
 
+@pytest.mark.slow
 def test_throughput_allow_cpu_runs_every_mode(tmp_path):
     if HAS_CUDA:
         pytest.skip("--allow-cpu only chooses the CPU where there is no CUDA device")
@@ -262,6 +263,7 @@ def test_compiled_step_makes_one_static_student_and_one_dynamic_target_graph(mon
     torch._dynamo.reset()
 
 
+@pytest.mark.slow
 def test_step_anatomy_bf16_halves_saved_activations(tmp_path):
     """benchmarks/step_anatomy.py on the fashion-mnist preset: the bf16 path must save about half the bytes of
     fp32 for backward and move fewer bytes; an fp32 tensor left in the bf16 block flow would break this."""

@@ -44,6 +44,11 @@ class Plan:
         return (self.pretrain_kimg * self.pretrain_sec_per_kimg + self.tune_kimg * self.tune_sec_per_kimg
                 + self.sample_sec)
 
+    def at_preset_budget(self) -> Plan:
+        """This plan with the preset's own image budgets (48k + 24k), for saying how long those would take."""
+        return replace(self, pretrain_kimg=get_preset(PRESET, "pretrain").train.total_kimg,
+                       tune_kimg=get_preset(PRESET, "tune").train.total_kimg)
+
     def configs(self) -> tuple[RunConfig, RunConfig]:
         """The preset's pretrain and tune configs at this plan's budgets: intervals and EMA half-lives scale with
         the budget (the preset's half-lives are 10k and 5k images for 48k and 24k), stages stay two."""

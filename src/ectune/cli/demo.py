@@ -43,7 +43,7 @@ def run(command: str, argv: Sequence[str]) -> int:
 
     import torch
 
-    from ..demo import load_or_make_plan
+    from ..demo import OVERHEAD, load_or_make_plan
     from ..imageio import save_images
     from ..model import load_model, sample_images
     from ..sampling import to_uint8
@@ -60,6 +60,12 @@ def run(command: str, argv: Sequence[str]) -> int:
               f"tune {plan.tune_kimg:g}k images (~{1000 / plan.tune_sec_per_kimg:.0f} img/s), sample grids "
               f"(~{plan.sample_sec:.0f} s): expected {plan.expected_sec / 60:.1f} minutes in all "
               f"(budget {plan.minutes:g})")
+        full = plan.at_preset_budget()
+        if full.pretrain_kimg > plan.pretrain_kimg:
+            minutes = math.ceil(full.expected_sec / 60 / (1 - OVERHEAD))
+            print(f"note: below the preset's {full.pretrain_kimg:g}k + {full.tune_kimg:g}k images the samples are "
+                  f"rougher (blurrier, fewer recognisable garments); the full budget would take about {minutes} "
+                  f"minutes here: --minutes {minutes}")
     else:  # fixed budgets: the bar still spans the job, by images
         estimates = {"pretrain": plan.pretrain_kimg, "tune": plan.tune_kimg, "sample": 1.0}
     dm, ecm = a.runs / "fm-dm", a.runs / "fm-ecm"

@@ -26,7 +26,7 @@ class JobProgress:
     def __init__(self, estimates: dict[str, float], *, enabled: bool = True) -> None:
         self.estimates = estimates
         self.total, self.done = sum(estimates.values()), 0.0  # estimated seconds of work: all, done
-        self.bar = tqdm(total=round(self.total, 1), disable=not enabled, dynamic_ncols=True, leave=False,
+        self.bar = tqdm(total=self.total, disable=not enabled, dynamic_ncols=True, leave=False,
                         bar_format="job {percentage:3.0f}%|{bar}| {desc} [{elapsed}, {remaining} left]")
         self.phase_name, self.phase_total, self.phase_first, self.phase_done = "", 1.0, 0.0, 0.0
         self.phase_start = time.time()
@@ -38,7 +38,7 @@ class JobProgress:
         self.phase_start = time.time()
         if start_kimg > 0 and total_kimg > 0:
             self.total -= self.estimates[name] * start_kimg / total_kimg
-            self.bar.total = round(self.total, 1)
+            self.bar.total = self.total
         self.bar.set_description_str(name)
 
     def advance(self, kimg: float) -> None:

@@ -60,21 +60,37 @@ def test_signal_saves_at_the_current_step_and_the_rerun_is_bit_exact(tmp_path, m
     assert_same_state(straight / "state.pt", stopped / "state.pt")
 
 
-def test_a_signal_after_the_loop_left_goes_to_the_previous_handler():
+def test_handlers_only_record_until_restored():
     got = []
     previous = signal.signal(signal.SIGUSR2, lambda s, f: got.append(("previous", s)))
     try:
-        def loop_that_crashes():
-            handlers = SaveOnSignal(("USR2",))
-            os.kill(os.getpid(), signal.SIGUSR2)  # inside: only recorded
-            assert handlers.received == signal.SIGUSR2 and handlers.requested() == signal.SIGUSR2 and not got
-            return handlers  # left without restore(), as an exception would
-
-        handlers = loop_that_crashes()
+        handlers = SaveOnSignal(("USR2",))
+        os.kill(os.getpid(), signal.SIGUSR2)  # installed: only recorded
+        assert handlers.received == signal.SIGUSR2 and handlers.requested() == signal.SIGUSR2 and not got
+        handlers.restore()
         os.kill(os.getpid(), signal.SIGUSR2)
         assert got == [("previous", signal.SIGUSR2)]
-        assert signal.getsignal(signal.SIGUSR2) is not handlers._handle  # put back on the way
         assert SaveOnSignal(()).requested() == 0 and SaveOnSignal(("none",)).previous == {}
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+
+
+@needs_fmnist
+def test_a_signal_after_the_loop_left_goes_to_the_previous_handler(tmp_path, monkeypatch):
+    """train() puts the previous handlers back however its loop ends (here: a step that raises), so a later signal
+    reaches them and is never swallowed."""
+    got = []
+    previous = signal.signal(signal.SIGUSR2, lambda s, f: got.append(("previous", s)))
+    try:
+        def crashing_step(**kw):
+            raise RuntimeError("a step that fails")
+
+        monkeypatch.setattr(loop, "training_step", crashing_step)
+        with pytest.raises(RuntimeError, match="a step that fails"):
+            loop.train(tiny("pretrain", save_on_signal=("USR2",)), tmp_path / "run", show_progress=False)
+        assert signal.getsignal(signal.SIGUSR2) is not None and not got
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert got == [("previous", signal.SIGUSR2)]
     finally:
         signal.signal(signal.SIGUSR2, previous)
 

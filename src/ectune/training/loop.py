@@ -78,8 +78,7 @@ def train(
     freeze_unused_parameters(net)
     fast = FastPath(model, cfg, dist=dist, device=device)
     guide = load_target_guide(cfg, model, device)  # None unless the target is guided
-    spec = loss_spec(cfg.objective, data_dim=cfg.net.img_channels * cfg.net.img_resolution**2,
-                     sigma_data=cfg.precond.sigma_data)
+    spec = loss_spec(cfg.objective, data_dim=math.prod(cfg.net.image_shape), sigma_data=cfg.precond.sigma_data)
     ema_model = build_model(cfg).to(device).eval()
 
     total_nimg = int(cfg.train.total_kimg * 1000)
@@ -97,54 +96,57 @@ def train(
     signals = SaveOnSignal(rt.save_on_signal)  # handlers that only record a signal; checked after each step
 
     model.train()
-    while nimg < stop_nimg:
-        lr = set_learning_rate(opt, cfg, nimg)
-        if (p := step_precision(cfg, nimg, device)) != precision:  # a stage changed the precision (and the speed)
-            precision = p
-            reporter.log(f"precision from {nimg / 1000:.1f} kimg: {_describe(p, device)}")
-        step = training_step(fast=fast, opt=opt, data=data, cfg=cfg, spec=spec, nimg=nimg, dist=dist, guide=guide)
-        nimg += cfg.train.batch
-        if step.kept:
-            bad_in_a_row = 0
-            net.normalize_weights_()  # EDM2's forced weight normalisation (no-op for DDPM++)
-            ema.update(net, nimg=nimg, batch=cfg.train.batch)  # a skipped step leaves the averages alone too
-        else:
-            bad_in_a_row, skipped = bad_in_a_row + 1, skipped + 1
-            if bad_in_a_row >= rt.max_bad_steps:
-                raise _too_many_bad_steps(bad_in_a_row, nimg=nimg, run=run, last_save=last_save)
-        meter.add(step.loss_sum, cfg.train.batch, step.r_over_t)
-        reporter.advance(min(nimg, stop_nimg) / 1000)
+    try:
+        while nimg < stop_nimg:
+            lr = set_learning_rate(opt, cfg, nimg)
+            if (p := step_precision(cfg, nimg, device)) != precision:  # a stage changed the precision (and the speed)
+                precision = p
+                reporter.log(f"precision from {nimg / 1000:.1f} kimg: {_describe(p, device)}")
+            step = training_step(fast=fast, opt=opt, data=data, cfg=cfg, spec=spec, nimg=nimg, dist=dist,
+                                 guide=guide)
+            nimg += cfg.train.batch
+            if step.kept:
+                bad_in_a_row = 0
+                net.normalize_weights_()  # EDM2's forced weight normalisation (no-op for DDPM++)
+                ema.update(net, nimg=nimg, batch=cfg.train.batch)  # a skipped step leaves the averages alone too
+            else:
+                bad_in_a_row, skipped = bad_in_a_row + 1, skipped + 1
+                if bad_in_a_row >= rt.max_bad_steps:
+                    raise _too_many_bad_steps(bad_in_a_row, nimg=nimg, run=run, last_save=last_save)
+            meter.add(step.loss_sum, cfg.train.batch, step.r_over_t)
+            reporter.advance(min(nimg, stop_nimg) / 1000)
 
-        done = nimg >= stop_nimg
-        if status.due(nimg, done):
-            stats = meter.summary()
-            last_loss = stats["loss"]
-            reporter.status(dict(
-                kimg=nimg / 1000, loss=last_loss, stage=stage(cfg.objective, nimg=nimg - cfg.train.batch,
-                                                              total_nimg=total_nimg),
-                mean_r_over_t=stats["r_over_t"], lr=lr, sec_per_kimg=stats["sec_per_kimg"],
-                img_per_s=stats["img_per_s"], mem_gb=peak_memory_gb(device), skipped_steps=skipped))
-        if save.due(nimg, done):
-            save_checkpoint(run, cfg, net=net, opt=opt, ema=ema, nimg=nimg, skipped=skipped, is_main=dist.is_main)
-            last_save = nimg
-        if sample.due(nimg, done):
-            grids = save_sample_grids(run, cfg, ema_model=ema_model, ema=ema, nimg=nimg, device=device,
-                                      is_main=dist.is_main)
-            reporter.images(nimg / 1000, grids)
-        if evaluate.due(nimg, done):
-            from ..evaluation import evaluate_in_training
-
-            ema_model.net.load_state_dict(ema.state_dict(0))
-            record = evaluate_in_training(ema_model, cfg, data, nimg=nimg, device=device)  # all ranks take part
-            if dist.is_main:
-                reporter.metric(record)
-        if not done and (signum := signals.requested()):  # every rank gets the same answer at the same step
-            if last_save != nimg:
+            done = nimg >= stop_nimg
+            if status.due(nimg, done):
+                stats = meter.summary()
+                last_loss = stats["loss"]
+                reporter.status(dict(
+                    kimg=nimg / 1000, loss=last_loss, stage=stage(cfg.objective, nimg=nimg - cfg.train.batch,
+                                                                  total_nimg=total_nimg),
+                    mean_r_over_t=stats["r_over_t"], lr=lr, sec_per_kimg=stats["sec_per_kimg"],
+                    img_per_s=stats["img_per_s"], mem_gb=peak_memory_gb(device), skipped_steps=skipped))
+            if save.due(nimg, done):
                 save_checkpoint(run, cfg, net=net, opt=opt, ema=ema, nimg=nimg, skipped=skipped, is_main=dist.is_main)
-            raise _interrupted(SaveOnSignal.name(signum), nimg=nimg, run=run, reporter=reporter, signals=signals,
-                               is_main=dist.is_main)
+                last_save = nimg
+            if sample.due(nimg, done):
+                grids = save_sample_grids(run, cfg, ema_model=ema_model, ema=ema, nimg=nimg, device=device,
+                                          is_main=dist.is_main)
+                reporter.images(nimg / 1000, grids)
+            if evaluate.due(nimg, done):
+                from ..evaluation import evaluate_in_training
 
-    signals.restore()
+                ema_model.net.load_state_dict(ema.state_dict(0))
+                record = evaluate_in_training(ema_model, cfg, data, nimg=nimg, device=device)  # all ranks take part
+                if dist.is_main:
+                    reporter.metric(record)
+            if not done and (signum := signals.requested()):  # every rank gets the same answer at the same step
+                if last_save != nimg:
+                    save_checkpoint(run, cfg, net=net, opt=opt, ema=ema, nimg=nimg, skipped=skipped,
+                                    is_main=dist.is_main)
+                raise _interrupted(SaveOnSignal.name(signum), nimg=nimg, run=run, reporter=reporter,
+                                   is_main=dist.is_main)
+    finally:  # whatever ends the loop, a later signal finds the handlers it had before
+        signals.restore()
     reporter.close()
     rt_dist.barrier()
     if dist.is_main:
@@ -216,12 +218,10 @@ def _too_many_bad_steps(count: int, *, nimg: int, run: RunDir, last_save: int | 
                          f"{nimg / 1000:.1f} kimg; stopping ({last}). Lower --optim.lr or check the data.")
 
 
-def _interrupted(signal_name: str, *, nimg: int, run: RunDir, reporter: Reporter, signals: SaveOnSignal,
-                 is_main: bool) -> TrainingInterrupted:
+def _interrupted(signal_name: str, *, nimg: int, run: RunDir, reporter: Reporter, is_main: bool) -> TrainingInterrupted:
     """Stopping on a signal once the state at `nimg` is saved: log it, close the trackers, release the run."""
     error = TrainingInterrupted(signal_name, nimg, run.state)
     reporter.log(f"{error}")
-    signals.restore()
     reporter.close()
     rt_dist.barrier()
     if is_main:

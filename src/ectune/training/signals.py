@@ -9,7 +9,6 @@ which `ectune` turns into a message and exit code EXIT_INTERRUPTED.
 from __future__ import annotations
 
 import signal
-import sys
 import threading
 from pathlib import Path
 from types import FrameType
@@ -31,15 +30,13 @@ class TrainingInterrupted(Exception):
 
 
 class SaveOnSignal:
-    """Handlers for `names` (--runtime.save-on-signal) that record the signal while the calling function (the
-    training loop) runs. A signal that arrives after that function has left, however it left, goes to the handler
-    that was installed before (so an aborted train() never swallows a later SIGTERM). Off the main thread, where
-    Python cannot install handlers, nothing is installed."""
+    """Handlers for `names` (--runtime.save-on-signal) that only record the signal, until `restore` puts the previous
+    ones back (train() does so however its loop ends, so an aborted run never swallows a later SIGTERM). Off the
+    main thread, where Python cannot install handlers, nothing is installed."""
 
     def __init__(self, names: tuple[str, ...]) -> None:
         self.received = 0  # the signal number, 0 = none
         self.previous: dict[int, Any] = {}
-        self.owner = sys._getframe(1).f_code  # the function whose run the handlers belong to
         if threading.current_thread() is not threading.main_thread():
             return
         for name in signal_names(names) or ():
@@ -48,18 +45,7 @@ class SaveOnSignal:
                 self.previous[signum] = signal.signal(signum, self._handle)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        f = frame
-        while f is not None and f.f_code is not self.owner:
-            f = f.f_back
-        if f is not None:
-            self.received = self.received or signum
-            return
-        previous = self.previous.get(signum, signal.SIG_DFL)  # the loop is gone: behave as before it ran
-        self.restore()
-        if callable(previous):
-            previous(signum, frame)
-        elif previous == signal.SIG_DFL:
-            signal.raise_signal(signum)
+        self.received = self.received or signum
 
     def requested(self) -> int:
         """The signal any rank received (the largest number if several), 0 if none; a collective call when

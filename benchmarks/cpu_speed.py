@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -25,7 +26,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 from ectune.data import load_batch, open_dataset, to_model_input  # noqa: E402
 from ectune.model import build_model  # noqa: E402
-from ectune.objectives import loss_spec, stage_nimg  # noqa: E402
+from ectune.objectives import last_stage_start, loss_spec  # noqa: E402
 from ectune.presets import get_preset  # noqa: E402
 from ectune.runtime import distributed as rt_dist  # noqa: E402
 from ectune.runtime.device import describe_hardware  # noqa: E402
@@ -58,10 +59,8 @@ def run_variant(mode: str, name: str, opts: dict, args: argparse.Namespace, data
             model = model.to(memory_format=torch.channels_last)
         opt = make_optimizer(cfg, list(model.net.parameters()), torch.device("cpu"))
         fast = FastPath(model, cfg, dist=rt_dist.Dist(), device=torch.device("cpu"))
-        spec = loss_spec(cfg.objective, data_dim=cfg.net.img_channels * cfg.net.img_resolution**2,
-                         sigma_data=cfg.precond.sigma_data)
-        total = cfg.train.total_kimg * 1000
-        nimg = 0 if mode == "pretrain" else int(stage_nimg(cfg.objective, total) * (cfg.objective.stages - 1))
+        spec = loss_spec(cfg.objective, data_dim=math.prod(cfg.net.image_shape), sigma_data=cfg.precond.sigma_data)
+        nimg = 0 if mode == "pretrain" else last_stage_start(cfg.objective, total_nimg=cfg.train.total_kimg * 1000)
         model.train()
         B = cfg.train.batch
         for _ in range(args.warmup):

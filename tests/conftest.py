@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import math
 import os
 import pickle
 import sys
@@ -254,9 +253,9 @@ def random_data(cfg, n: int = 64):
 
 
 def last_stage_nimg(cfg) -> int:
-    from ectune.objectives import stage_nimg
+    from ectune.objectives import last_stage_start
 
-    return int(math.ceil(stage_nimg(cfg.objective, cfg.train.total_kimg * 1000) * (cfg.objective.stages - 1)))
+    return last_stage_start(cfg.objective, total_nimg=cfg.train.total_kimg * 1000)
 
 
 def opt_state_snapshot(opt, params):

@@ -46,8 +46,8 @@ def test_device_guard_matches_plain_step_and_skips_bad_steps(kind):
     opt_a, opt_b = make(net_a), make(net_b)
     guard = DeviceStepGuard(net_b.parameters())
     x = torch.randn(9, 5)
-    for step in range(8):  # rho_t > 5 from step 6 on: RAdam's adaptive branch is covered too
-        bad = step in (1, 4)
+    for i in range(8):  # rho_t > 5 from step 6 on: RAdam's adaptive branch is covered too
+        bad = i in (1, 4)
         opt_a.zero_grad(set_to_none=True)
         guard.zero_grads()
         la, lb = net_a(x).square().sum(), net_b(x).square().sum()

@@ -135,3 +135,17 @@ def test_learning_rate():
     assert learning_rate(100, lr=1e-3, schedule="invsqrt", t_ref_nimg=256_000) == 1e-3
     assert learning_rate(4 * 256_000, lr=1e-3, schedule="invsqrt", t_ref_nimg=256_000) == pytest.approx(5e-4)
     assert learning_rate(50, lr=1.0, warmup_nimg=100) == 0.5
+
+
+def test_last_stage_start_hand_values():
+    from ectune.objectives import last_stage_start, stage
+
+    two = ObjectiveConfig(kind="ect", q=4, stages=2)  # the fashion-mnist tune preset: d = 12000 of 24000
+    assert last_stage_start(two, total_nimg=24_000) == 12_000
+    # d = 1000/3 = 333.3…: ⌊2·d⌋ = 666 is still stage 2; the last stage (3) starts at 667.
+    three = ObjectiveConfig(kind="ect", stages=3)
+    assert last_stage_start(three, total_nimg=1000) == 667
+    assert (stage(three, nimg=666, total_nimg=1000), stage(three, nimg=667, total_nimg=1000)) == (2, 3)
+    # a fixed stage length: 25.6M images in stages of 3.2M; the eighth starts at 22.4M
+    fixed = ObjectiveConfig(kind="ect", stage_kimg=3200.0)
+    assert last_stage_start(fixed, total_nimg=25_600_000) == 22_400_000

@@ -79,6 +79,11 @@ class NetConfig(_Validated):
 
     _section = "net"
 
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the network's images (or latents)."""
+        return (self.img_channels, self.img_resolution, self.img_resolution)
+
     def check(self) -> None:
         r = self._require
         r("img_resolution", _int_in(self.img_resolution, 1, 4096), "an integer in [1, 4096]")

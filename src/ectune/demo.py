@@ -108,7 +108,7 @@ def fastest_threads(log) -> tuple[int, tuple[float, float, float]]:
 def _measure(steps: int) -> tuple[float, float, float]:
     from .data import open_dataset
     from .model import build_model
-    from .objectives import loss_spec, stage_nimg
+    from .objectives import last_stage_start, loss_spec
     from .runtime.device import resolve_device
     from .runtime.distributed import Dist
     from .training.fastpath import FastPath
@@ -124,9 +124,8 @@ def _measure(steps: int) -> tuple[float, float, float]:
         model = build_model(cfg).to(device)
         opt = make_optimizer(cfg, list(model.net.parameters()), device)
         fast = FastPath(model, cfg, dist=Dist(), device=device)
-        spec = loss_spec(cfg.objective, data_dim=math.prod(data.images.shape[1:]), sigma_data=cfg.precond.sigma_data)
-        total = cfg.train.total_kimg * 1000
-        nimg = 0 if mode == "pretrain" else int(stage_nimg(cfg.objective, total) * (cfg.objective.stages - 1))
+        spec = loss_spec(cfg.objective, data_dim=math.prod(cfg.net.image_shape), sigma_data=cfg.precond.sigma_data)
+        nimg = 0 if mode == "pretrain" else last_stage_start(cfg.objective, total_nimg=cfg.train.total_kimg * 1000)
         model.train()
         for i in range(steps + 1):
             if i == 1:
@@ -135,8 +134,7 @@ def _measure(steps: int) -> tuple[float, float, float]:
         out.append((time.perf_counter() - start) / (steps * cfg.train.batch) * 1000)
         if mode == "pretrain":
             model.eval()
-            x = torch.randn(GRID_SEEDS, cfg.net.img_channels, cfg.net.img_resolution, cfg.net.img_resolution,
-                            device=device)
+            x = torch.randn(GRID_SEEDS, *cfg.net.image_shape, device=device)
             with torch.no_grad():
                 start = time.perf_counter()
                 model(x, torch.full((GRID_SEEDS,), 1.0, device=device)).sum().item()  # .item(): wait for the device

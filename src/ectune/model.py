@@ -80,7 +80,7 @@ def sample_images(
     A latent model (cfg.data.vae set) returns images decoded by that VAE, or with decode=False its latents.
     guidance = w != 1 samples f_g + w·(f − f_g) (`ectune.guidance.GuidedDenoiser`: the unconditional label as f_g,
     or the model `guide`; 2 NFE per step)."""
-    shape = (cfg.net.img_channels, cfg.net.img_resolution, cfg.net.img_resolution)
+    shape = cfg.net.image_shape
     if init_images is not None:
         if method != "consistency" or t_start is None:
             raise ValueError("image-to-image sampling needs the consistency method and a starting time t_start")

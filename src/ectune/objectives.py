@@ -8,6 +8,7 @@ images), so a resumed run draws exactly what an uninterrupted one would.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -47,6 +48,15 @@ def ict_objective(ect: ObjectiveConfig) -> ObjectiveConfig:
 def stage_nimg(obj: ObjectiveConfig, total_nimg: float) -> float:
     """ECT stage length d in images: `stage_kimg` if set, else total / stages (CIFAR-10: /8, ImageNet-64: /4)."""
     return obj.stage_kimg * 1000 if obj.stage_kimg > 0 else total_nimg / obj.stages
+
+
+def last_stage_start(obj: ObjectiveConfig, *, total_nimg: float) -> int:
+    """The first image count in the last ECT stage that a run of `total_nimg` images reaches: ⌈(n − 1)·d⌉ for its n
+    stages (`stages`, or ⌈total/d⌉ when d is `stage_kimg`). Rounded up: ⌊(n − 1)·d⌋ can still fall in the stage
+    before when d is not whole."""
+    d = stage_nimg(obj, total_nimg)
+    stages = obj.stages if obj.stage_kimg <= 0 else math.ceil(total_nimg / d)
+    return math.ceil((stages - 1) * d)
 
 
 def stage(obj: ObjectiveConfig, *, nimg: int, total_nimg: float) -> int:

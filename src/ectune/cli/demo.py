@@ -10,8 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Sequence
 
-import tyro
-
 from .common import Flag, optional, parse
 
 

@@ -191,7 +191,7 @@ def render_card(info: CardInfo) -> str:
                   f"pipe = ECTPipeline.from_pretrained({(info.repo_id or 'OWNER/NAME')!r})",
                   f"images = pipe(batch_size=4, num_inference_steps={s['steps']}, seeds=[0, 1, 2, 3]).images", "```", ""]
     else:
-        steps = f"--method heun" if s["method"] == "heun" else (
+        steps = "--method heun" if s["method"] == "heun" else (
             f"--steps {s['steps']}" + (f" --mid-t {' '.join(f'{t:g}' for t in s['mid_t'][: s['steps'] - 1])}" if s["steps"] > 1 else ""))
         lines += ["```bash", "pip install 'ectune[hub]'",
                   f"ectune sample {ref} {steps} --n 64 --seed 0 --out grid.png", "```", "",

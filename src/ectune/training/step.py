@@ -62,8 +62,7 @@ def training_step(
     indices = global_indices(len(data), seed=cfg.train.seed, start=nimg, count=B)
     positions = torch.arange(nimg, nimg + B)  # each image seen's own stream: flips, latent posterior draws
     flips = xflip_mask(positions, seed=cfg.train.seed)
-    shape = (cfg.net.img_channels, cfg.net.img_resolution, cfg.net.img_resolution)
-    eps = torch.randn((B, *shape), generator=step_generator(cfg.train.seed, nimg, device), device=device)
+    eps = torch.randn((B, *cfg.net.image_shape), generator=step_generator(cfg.train.seed, nimg, device), device=device)
 
     apply_step_precision(fast.model, cfg, nimg=nimg, device=device)
     passes, guard = fast.passes(), fast.step_guard(opt)
@@ -111,8 +110,7 @@ def load_target_guide(cfg: RunConfig, model: nn.Module, device: torch.device) ->
     from ..model import load_model
 
     guide, guide_cfg, _ = load_model(obj.target_guide, device=device)
-    shape = lambda c: (c.net.img_channels, c.net.img_resolution, c.net.img_resolution)  # noqa: E731
-    check_guide_matches(model, guide, model_shape=shape(cfg), guide_shape=shape(guide_cfg),
+    check_guide_matches(model, guide, model_shape=cfg.net.image_shape, guide_shape=guide_cfg.net.image_shape,
                         what=f"--objective.target-guide {obj.target_guide}")
     return guide.eval().requires_grad_(False)
 

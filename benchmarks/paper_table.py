@@ -96,10 +96,12 @@ def variants() -> dict[str, tuple[str, Callable[[RunConfig], RunConfig]]]:
 
 
 def _train_cfg(cfg: RunConfig, size: Size, *, total_kimg: float, lr: float, halflife_kimg: float) -> RunConfig:
-    """The preset with this size's net, batch, budget and EMA; no sample grids or periodic saves (they cost time)."""
+    """The preset with this size's net (unconditional, images padded to its resolution), batch, budget and EMA; no
+    sample grids or periodic saves (they cost time)."""
     return replace(
         cfg,
         net=replace(size.net, dropout=cfg.net.dropout),
+        data=replace(cfg.data, resolution=size.net.img_resolution, use_labels=size.net.label_dim > 0),
         optim=replace(cfg.optim, lr=lr),
         ema=replace(cfg.ema, kind="halflife", halflife_kimg=halflife_kimg),
         train=replace(cfg.train, total_kimg=total_kimg, batch=size.batch, precision="auto"),

@@ -110,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
 
     recipe = get_preset(a.preset, "tune")
     f, cfg = load_f(a, recipe, device)
-    x0, t, eps, keys = draw_rows(a, cfg, recipe, device)
+    x0, t, eps, keys, labels = draw_rows(a, cfg, recipe, device)
+    keys = dict(dropout_key=keys, class_labels=labels)  # the same per row in every pass
     spec = loss_spec(recipe.objective, data_dim=x0[0].numel(), sigma_data=cfg.precond.sigma_data)
     common = dict(device=describe_hardware(device), model=a.model or f"{a.preset} {a.net or 'preset'} net, random init",
                   preset=a.preset, n=a.n)
@@ -120,8 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     for ratio in ratios:
         r = ratio * t
         with cuda_tf32(False):
-            ref_delta = delta(f, x0, t, r, eps, dropout_key=keys)
-            ref_grad = loss_gradient(f, x0, t, r, eps, dropout_key=keys, spec=spec)
+            ref_delta = delta(f, x0, t, r, eps, **keys)
+            ref_grad = loss_gradient(f, x0, t, r, eps, **keys, spec=spec)
         default = resolve_precision("auto", device, tf32=False, max_r_over_t=ratio)
         on_cuda = resolve_precision("auto", "cuda", tf32=False, max_r_over_t=ratio)
         noise: dict[Mode, Tensor] = {}  # per forward precision: loss scaling changes only the gradient
@@ -154,19 +155,21 @@ def load_f(a: argparse.Namespace, recipe: RunConfig, device: torch.device) -> tu
 
 
 def draw_rows(a: argparse.Namespace, cfg: RunConfig, recipe: RunConfig,
-              device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(x0, t, ε, dropout keys) for --n rows: data images, t ~ the recipe's LogNormal(P_mean, P_std)."""
+              device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+    """(x0, t, ε, dropout keys, class labels or None) for --n rows: data images (and their labels for a
+    class-conditional model), t ~ the recipe's LogNormal(P_mean, P_std)."""
     g = torch.Generator().manual_seed(a.seed)
     data = bench_data(a, cfg)
-    images = data.images[torch.randperm(len(data.images), generator=g)[: a.n]]
-    x0 = to_model_input(images, device=device)
+    rows = torch.randperm(len(data.images), generator=g)[: a.n]
+    x0 = to_model_input(data.images[rows], device=device)
+    labels = None if data.labels is None else data.labels[rows].to(device)
     t = lognormal_t(torch.randn(a.n, generator=g, dtype=torch.float64), P_mean=recipe.objective.P_mean,
                     P_std=recipe.objective.P_std).float().to(device)
     eps = torch.randn(x0.shape, generator=g).to(device)
-    return x0, t, eps, torch.arange(a.n, device=device)
+    return x0, t, eps, torch.arange(a.n, device=device), labels
 
 
-def measure(mode: Mode, f: Precond, x0: Tensor, t: Tensor, r: Tensor, eps: Tensor, keys: Tensor,
+def measure(mode: Mode, f: Precond, x0: Tensor, t: Tensor, r: Tensor, eps: Tensor, keys: dict[str, Tensor | None],
             spec: LossSpec, ref_delta: Tensor, ref_grad: Tensor, device: torch.device,
             noise: dict[Mode, Tensor]) -> dict | None:
     """The mode's noise ratio (median, p90) and gradient cosine against the fp32 reference; None if n/a here.
@@ -178,13 +181,13 @@ def measure(mode: Mode, f: Precond, x0: Tensor, t: Tensor, r: Tensor, eps: Tenso
     forward = replace(mode, loss_scale=False)
     with tf32_mode(mode.tf32 != "off", device, truncate=mode.tf32 == "truncate"):
         if forward not in noise:
-            noise[forward] = delta_noise_ratio(delta(f_mode, x0, t, r, eps, dropout_key=keys), ref_delta)
+            noise[forward] = delta_noise_ratio(delta(f_mode, x0, t, r, eps, **keys), ref_delta)
         ratios = noise[forward]
         scale = 2.0**8 if mode.loss_scale else 1.0
-        grad = loss_gradient(f_mode, x0, t, r, eps, dropout_key=keys, spec=spec, loss_scale=scale)
+        grad = loss_gradient(f_mode, x0, t, r, eps, **keys, spec=spec, loss_scale=scale)
         while mode.loss_scale and not torch.isfinite(grad).all() and scale > 1:
             scale /= 2  # GradScaler's back-off: a scale that overflows is halved
-            grad = loss_gradient(f_mode, x0, t, r, eps, dropout_key=keys, spec=spec, loss_scale=scale)
+            grad = loss_gradient(f_mode, x0, t, r, eps, **keys, spec=spec, loss_scale=scale)
     q = ratios.double().quantile(torch.tensor([0.5, 0.9], dtype=torch.float64, device=ratios.device)).tolist()
     rec = dict(noise_ratio=_sig(q[0]), noise_ratio_p90=_sig(q[1]), grad_cosine=round(cosine(grad, ref_grad), 6),
                grad_finite=bool(torch.isfinite(grad).all()))

@@ -159,22 +159,24 @@ def bench_config(args: argparse.Namespace, tiny: bool):
 
 
 def bench_data(args: argparse.Namespace, cfg):
-    """Random uint8 images of the preset's shape, or Fashion-MNIST (padded to 32, repeated to 3 channels if the
-    network is RGB)."""
+    """Random uint8 images of the preset's shape, or Fashion-MNIST (padded to the network's resolution, repeated to
+    3 channels if the network is RGB); with class labels if the network is class-conditional (random ones, or
+    Fashion-MNIST's 10)."""
     from ectune.data import ImageDataset
     from ectune.data.idx import load_fashion_mnist
     from ectune.data.dataset import pad_images
 
-    c, res = cfg.net.img_channels, cfg.net.img_resolution
+    c, res, k = cfg.net.img_channels, cfg.net.img_resolution, cfg.net.label_dim
     if args.data == "random":
         g = torch.Generator().manual_seed(1)
         images = torch.randint(0, 256, (4096, c, res, res), dtype=torch.uint8, generator=g)
-        return ImageDataset(images, None, 0, f"random uint8 {c}x{res}x{res}")
-    ds = load_fashion_mnist("", split="train", use_labels=False)
+        labels = torch.randint(0, k, (4096,), generator=g) if k else None
+        return ImageDataset(images, labels, k, f"random uint8 {c}x{res}x{res}")
+    ds = load_fashion_mnist("", split="train", use_labels=k > 0)
     images = pad_images(ds.images, res, where="Fashion-MNIST")
     if c != images.shape[1]:
         images = images.repeat(1, c, 1, 1).contiguous()
-    return ImageDataset(images, None, 0, f"Fashion-MNIST as {c}x{res}x{res}")
+    return ImageDataset(images, ds.labels, k, f"Fashion-MNIST as {c}x{res}x{res}")
 
 
 def start_nimg(args: argparse.Namespace, cfg) -> int:

@@ -74,14 +74,14 @@ HAVE_FMNIST = any((d / "t10k-images-idx3-ubyte.gz").exists() for d in fashion_mn
 needs_fmnist = pytest.mark.skipif(not HAVE_FMNIST, reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
 
 TINY = ["--net.model-channels", "16", "--net.channel-mult", "1", "2", "--net.num-blocks", "1",
-        "--net.attn-resolutions", "8", "--data.split", "test"]
+        "--net.attn-resolutions", "8", "--net.img-resolution", "32", "--data.resolution", "32", "--data.split", "test"]
 
 
 def tiny(mode="pretrain", objective="ect", **train_kw):
     cfg = get_preset("fashion-mnist", mode, objective=objective)
     net = replace(SMALL_CONFIGS["tiny"], model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(8,),
                   dropout=cfg.net.dropout)
-    cfg = replace(cfg, net=net, data=replace(cfg.data, split="test"))
+    cfg = replace(cfg, net=net, data=replace(cfg.data, split="test", resolution=32))
     return with_fields(cfg, **{**dict(total_kimg=0.128, batch=16, status_kimg=0.032, save_kimg=0.064, sample_kimg=0.0),
                                **train_kw})
 

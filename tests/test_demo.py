@@ -16,7 +16,7 @@ from conftest import needs_fmnist
 
 def test_budget_fills_the_minutes_with_twice_as_many_pretraining_images():
     # 10 minutes less 10 % and 20 s of sampling leave 520 s; a tuning image costs 2·10 + 15 = 35 s per 1000 with
-    # its two pretraining images: 14.86k tuning images, rounded down to steps of 640 images: 14.72k and 29.44k.
+    # its two pretraining images: 14.86k tuning images, rounded down to ten steps of 32 (320 images): 14.72k and 29.44k.
     plan = plan_budget(minutes=10, pretrain_sec_per_kimg=10.0, tune_sec_per_kimg=15.0, sample_sec=20.0)
     assert (plan.pretrain_kimg, plan.tune_kimg) == (29.44, 14.72)
     assert plan.expected_sec == pytest.approx(29.44 * 10 + 14.72 * 15 + 20)
@@ -27,7 +27,7 @@ def test_budget_is_capped_at_the_preset_and_floored_at_ten_steps():
     fast = plan_budget(minutes=10, pretrain_sec_per_kimg=0.1, tune_sec_per_kimg=0.1, sample_sec=1.0)
     assert (fast.pretrain_kimg, fast.tune_kimg) == (48.0, 24.0)  # the fashion-mnist preset's own budget
     slow = plan_budget(minutes=1, pretrain_sec_per_kimg=1000.0, tune_sec_per_kimg=1000.0, sample_sec=1.0)
-    assert (slow.pretrain_kimg, slow.tune_kimg) == (1.28, 0.64)
+    assert (slow.pretrain_kimg, slow.tune_kimg) == (0.64, 0.32)  # ten tuning steps of 32
 
 
 def test_plan_configs_scale_the_schedule_with_the_budget():
@@ -35,8 +35,17 @@ def test_plan_configs_scale_the_schedule_with_the_budget():
     assert (pre.train.total_kimg, tune.train.total_kimg) == (24.0, 12.0)
     assert (pre.ema.halflife_kimg, tune.ema.halflife_kimg) == (5.0, 2.5)  # the preset's 10k and 5k, halved
     assert pre.runtime.sample_kimg == 24.0 and tune.runtime.sample_kimg == 12.0  # grids at the end only
-    assert pre.runtime.status_kimg == 2.048 and pre.runtime.save_kimg == 6.016  # whole batches of 64
+    assert pre.runtime.status_kimg == 2.016 and pre.runtime.save_kimg == 6.016  # 2k and 6k up to whole batches of 32
     assert tune.objective.stages == 2 and tune.objective.q == 4.0
+
+
+@needs_fmnist
+def test_measuring_times_both_phases_and_the_grids_of_the_preset():
+    from ectune.demo import measure_speed
+
+    pre, tune, sample = measure_speed(threads=1, steps=1)
+    assert all(0 < v < float("inf") for v in (pre, tune, sample))
+    assert tune > pre  # a tuning step adds the target pass
 
 
 def test_a_rerun_resumes_the_stored_plan_without_measuring(tmp_path, monkeypatch):

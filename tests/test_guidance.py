@@ -139,7 +139,7 @@ def test_guided_target_refusals(tmp_path) -> None:
     from ectune.training.step import load_target_guide
 
     cfg = get_preset("fashion-mnist", "tune")
-    unconditional = replace(cfg, objective=replace(cfg.objective, target_guidance=2.0))
+    unconditional = replace(cfg, net=replace(cfg.net, label_dim=0), objective=replace(cfg.objective, target_guidance=2.0))
     with pytest.raises(ValueError, match="needs a class-conditional model"):
         load_target_guide(unconditional, build_model(unconditional), torch.device("cpu"))
     other = replace(cfg, net=replace(SMALL_CONFIGS["tiny"], img_resolution=16))

@@ -67,8 +67,8 @@ def test_import_edm_then_info_sample_and_tune(tmp_path: Path, fake_edm: Any, cap
 
     # ECT tuning starts from the imported weights (one optimiser step).
     run = tmp_path / "tuned"
-    assert main(["tune", "--init", str(out), "--run", str(run), "--data.split", "test", "--train.batch", "16",
-                 "--train.total-kimg", "0.016", "--runtime.sample-kimg", "0", "--quiet"]) == 0
+    assert main(["tune", "--init", str(out), "--run", str(run), "--data.split", "test", "--data.resolution", "32",
+                 "--train.batch", "16", "--train.total-kimg", "0.016", "--runtime.sample-kimg", "0", "--quiet"]) == 0
     tuned, tuned_cfg, _ = load_model(run)
     assert tuned_cfg.net.augment_dim == 9 and tuned_cfg.net.dropout == 0.1  # tune keeps the architecture
     assert not marker.exists()

@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import pytest
@@ -180,3 +181,20 @@ def test_sample_cli_sets_the_boundary(tmp_path, monkeypatch):
     for flag in (["--sigma-min-shift", "0.003"], []):
         assert main(["sample", str(tmp_path / "m.safetensors"), "--n", "2", "--out", str(tmp_path / "x.npz"), *flag]) == 0
     assert seen == [0.003, 0.002]
+
+
+def test_grids_of_a_few_class_model_hold_one_class_per_column():
+    from ectune.config import RunConfig
+    from ectune.model import grid_seeds
+
+    def grid(label_dim):
+        cfg = RunConfig()
+        return grid_seeds(dataclasses.replace(cfg, net=dataclasses.replace(cfg.net, label_dim=label_dim)))
+
+    seeds, cols = grid(10)
+    assert (len(seeds), cols) == (80, 10)
+    # sample_images gives seed i the class i mod 10: every row of the grid reads 0..9
+    assert torch.equal(seeds.reshape(8, 10) % 10, torch.arange(10).expand(8, 10))
+    for label_dim in (0, 1000):  # unconditional, or too many classes for columns: 8 × 8
+        seeds, cols = grid(label_dim)
+        assert (len(seeds), cols) == (64, 8)

@@ -41,7 +41,8 @@ def test_resume_is_bit_exact(tmp_path):
 @needs_fmnist
 def test_pretrain_tune_ict_sample_info_cli(tmp_path, capsys):
     dm, ecm, ict = tmp_path / "dm", tmp_path / "ecm", tmp_path / "ict"
-    short = ["--train.total-kimg", "0.064", "--train.batch", "16", "--runtime.sample-kimg", "0.064", "--quiet"]
+    short = ["--train.total-kimg", "0.064", "--train.batch", "16", "--runtime.sample-kimg", "0.064", "--quiet",
+             "--data.resolution", "32"]
     assert main(["pretrain", "--run", str(dm), *TINY, *short]) == 0
     assert (dm / "samples-heun.png").exists() and (dm / "loss.png").exists() and (dm / "stats.jsonl").exists()
     assert main(["tune", "--init", str(dm), "--run", str(ecm), "--data.split", "test", *short]) == 0
@@ -116,7 +117,7 @@ def test_init_errors(tmp_path, capsys):
     for i in range(4):
         Image.new("RGB", (32, 32), (i * 40, 0, 0)).save(rgb / f"{i}.png")
     assert main(["tune", "--init", str(run), "--run", str(tmp_path / "t4"), "--data.source", "edm", "--data.path", str(rgb),
-                 "--data.resolution", "0"]) == 1
+                 "--data.resolution", "0", "--data.no-use-labels"]) == 1
     err = capsys.readouterr().err
     assert "3×32×32" in err and "1×32×32" in err
 

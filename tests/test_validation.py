@@ -145,16 +145,25 @@ def test_configs_stored_before_the_runtime_section_load_with_their_settings_move
     assert cfg.train == RunConfig().train
 
 
-# The hash that the version before the runtime section gave a training state of the fashion-mnist tune preset
-# (computed with that version's RunDir.config_hash): its runs must still resume.
+# The hash that the version before the runtime section gave a training state of the fashion-mnist tune preset of
+# that time (computed with that version's RunDir.config_hash): its runs must still resume.
 OLD_LAYOUT_STATE_HASH = "d9a67e8c815a6376"
 
 
-def test_training_states_saved_with_the_old_config_layout_still_belong_to_their_run():
+def old_fashion_mnist_tune():
+    """That version's fashion-mnist tune preset: unconditional, 32×32 padded, 24 channels, batch 64."""
     from ectune.presets import get_preset
-    from ectune.training.rundir import RunDir
 
     cfg = get_preset("fashion-mnist", "tune")
+    net = replace(cfg.net, img_resolution=32, model_channels=24, attn_resolutions=(8,), label_dim=0)
+    return replace(cfg, net=net, data=replace(cfg.data, resolution=32, use_labels=False),
+                   optim=replace(cfg.optim, lr=2e-4), train=replace(cfg.train, batch=64))
+
+
+def test_training_states_saved_with_the_old_config_layout_still_belong_to_their_run():
+    from ectune.training.rundir import RunDir
+
+    cfg = old_fashion_mnist_tune()
     assert RunDir.belongs_to(OLD_LAYOUT_STATE_HASH, cfg)
     assert RunDir.belongs_to(RunDir.config_hash(cfg), cfg)
     assert RunDir.config_hash(replace(cfg, runtime=replace(cfg.runtime, save_kimg=1.0))) == RunDir.config_hash(cfg)

@@ -22,7 +22,6 @@ from .config import RunConfig
 from .presets import get_preset
 
 PRESET = "fashion-mnist"
-GRID_SEEDS = 64
 HEUN_NFE = 35  # the pretraining run's Heun sample grid (EDM: 2·18 − 1)
 OVERHEAD = 0.1  # share of the budget kept for start-up, checkpoints, status lines and grids the estimate misses
 
@@ -107,7 +106,7 @@ def fastest_threads(log) -> tuple[int, tuple[float, float, float]]:
 
 def _measure(steps: int) -> tuple[float, float, float]:
     from .data import open_dataset
-    from .model import build_model
+    from .model import build_model, grid_seeds, sample_images
     from .objectives import last_stage_start, loss_spec
     from .runtime.device import resolve_device
     from .runtime.distributed import Dist
@@ -134,12 +133,11 @@ def _measure(steps: int) -> tuple[float, float, float]:
         out.append((time.perf_counter() - start) / (steps * cfg.train.batch) * 1000)
         if mode == "pretrain":
             model.eval()
-            x = torch.randn(GRID_SEEDS, *cfg.net.image_shape, device=device)
-            with torch.no_grad():
-                start = time.perf_counter()
-                model(x, torch.full((GRID_SEEDS,), 1.0, device=device)).sum().item()  # .item(): wait for the device
-                forward_sec_per_img = (time.perf_counter() - start) / GRID_SEEDS
-    sample_sec = (HEUN_NFE + 1 + 2) * 2 * GRID_SEEDS * forward_sec_per_img  # Heun grid, 1- and 2-step grids, twice
+            seeds, _ = grid_seeds(cfg)
+            start = time.perf_counter()
+            sample_images(model, cfg, seeds, steps=1, device=device).sum().item()  # .item(): wait for the device
+            forward_sec_per_img = (time.perf_counter() - start) / len(seeds)
+    sample_sec = (HEUN_NFE + 1 + 2) * 2 * len(seeds) * forward_sec_per_img  # Heun grid, 1- and 2-step grids, twice
     return out[0], out[1], sample_sec
 
 

@@ -26,12 +26,13 @@ def grid_image(images_u8: Tensor, *, cols: int | None = None) -> Image.Image:
     return Image.fromarray(canvas[..., 0] if c == 1 else canvas)
 
 
-def save_images(images_u8: Tensor, out: Path | str) -> Path:
-    """Save to `out`: *.png → one grid, *.npz → array 'arr_0' [N, H, W, C] uint8, anything else → a folder of PNGs."""
+def save_images(images_u8: Tensor, out: Path | str, *, cols: int | None = None) -> Path:
+    """Save to `out`: *.png → one grid (`cols` per row), *.npz → array 'arr_0' [N, H, W, C] uint8, anything else →
+    a folder of PNGs."""
     out = Path(out)
     if out.suffix.lower() == ".png":
         buf = io.BytesIO()
-        grid_image(images_u8).save(buf, format="PNG")
+        grid_image(images_u8, cols=cols).save(buf, format="PNG")
         atomic_write(out, lambda f: f.write(buf.getvalue()))
     elif out.suffix.lower() == ".npz":
         buf = io.BytesIO()

@@ -54,6 +54,18 @@ def sampling_boundary(cfg: RunConfig) -> float:
     return float(shift)
 
 
+def class_columns(cfg: RunConfig) -> int | None:
+    """Columns of a sample grid whose labels follow the seeds: one per class for a net with at most 16 classes
+    (sample_images gives seed i the class i mod label_dim, so a column holds one class), else None (square)."""
+    return cfg.net.label_dim if 0 < cfg.net.label_dim <= 16 else None
+
+
+def grid_seeds(cfg: RunConfig) -> tuple[Tensor, int]:
+    """Seeds and columns of the fixed-seed sample grids of training and the demo: 8 rows of `class_columns`, or 8 × 8."""
+    cols = class_columns(cfg) or 8
+    return torch.arange(8 * cols), cols
+
+
 @torch.no_grad()
 def sample_images(
     model: Precond,

@@ -39,11 +39,9 @@ def run(command: str, argv: Sequence[str]) -> int:
     if fixed is not None and not all(math.isfinite(k) and k > 0 for k in fixed):
         raise ValueError(f"--pretrain-kimg/--tune-kimg {fixed}: expected numbers of thousands of images > 0")
 
-    import torch
-
     from ..demo import OVERHEAD, load_or_make_plan
     from ..imageio import save_images
-    from ..model import load_model, sample_images
+    from ..model import grid_seeds, load_model, sample_images
     from ..sampling import to_uint8
     from ..training.loop import train
     from ..training.report import JobProgress
@@ -74,10 +72,11 @@ def run(command: str, argv: Sequence[str]) -> int:
         job.start("sample", total_kimg=1.0)
         model, cfg, _ = load_model(ecm)
         grids = {}
+        seeds, cols = grid_seeds(cfg)
         for steps in (1, 2):
-            images = sample_images(model, cfg, torch.arange(64), steps=steps)
+            images = sample_images(model, cfg, seeds, steps=steps)
             grids[steps] = a.runs / f"fm-ecm-{steps}step.png"
-            save_images(to_uint8(images), grids[steps])
+            save_images(to_uint8(images), grids[steps], cols=cols)
         job.advance(1.0)
     finally:
         job.close()

@@ -67,7 +67,7 @@ def run(command: str, argv: Sequence[str]) -> int:
     import torch
 
     from ..imageio import save_images
-    from ..model import load_model, sample_images
+    from ..model import class_columns, load_model, sample_images
     from ..runtime import distributed as rt_dist
     from ..runtime.device import resolve_device
     from ..sampling import to_uint8
@@ -109,7 +109,7 @@ def run(command: str, argv: Sequence[str]) -> int:
         return 0
     images = rt_dist.all_gather_cat(to_uint8(images))
     if dist.is_main:
-        out = save_images(images, a.out)
+        out = save_images(images, a.out, cols=class_columns(cfg) if labels is None else None)
         steps = a.steps if a.method == "consistency" else cfg.sample.heun_steps
         start = "" if t_start is None else f" from {a.init_image} at t = {t_start:.4g}"
         print(f"wrote {a.n} samples ({a.method}, {steps} steps{start}, {dist.world_size} process(es)) to {out}")

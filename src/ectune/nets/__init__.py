@@ -61,19 +61,20 @@ PAPER_CONFIGS: dict[str, NetConfig] = {
     },
 }
 
-# Small networks for 32×32 single-channel images (e.g. Fashion-MNIST padded from 28×28; 28×28 also works with
-# three levels, 28/14/7, if attn_resolutions becomes (7,)) on a few CPU cores. Channels
-# grow towards the low resolutions, where they cost parameters but few FLOPs. "tiny" is for tests, "small" for
-# the CPU demo; derive others with dataclasses.replace(cfg, img_channels=3, label_dim=10, ...).
+# Small networks for single-channel images on a few CPU cores. Channels grow towards the low resolutions, where they
+# cost parameters but few FLOPs. "tiny" (32×32) is for tests; "small" is the CPU demo's, at Fashion-MNIST's native
+# 28×28 (levels 28/14/7): half the FLOPs of 24 base channels at 32×32 padded, which on a 2-core CPU trains twice the
+# images per minute and gave clearer samples for the same minutes (docs/performance.md). Derive others with
+# dataclasses.replace(cfg, img_channels=3, label_dim=10, ...).
 SMALL_CONFIGS: dict[str, NetConfig] = {
     "tiny": NetConfig(arch="ddpmpp", img_resolution=32, img_channels=1, model_channels=16, channel_mult=(1, 2, 2),
                       channel_mult_emb=2, num_blocks=2, attn_resolutions=(8,), dropout=0.1),
-    "small": NetConfig(arch="ddpmpp", img_resolution=32, img_channels=1, model_channels=24, channel_mult=(1, 2, 4),
-                       channel_mult_emb=4, num_blocks=2, attn_resolutions=(8,), dropout=0.1),
+    "small": NetConfig(arch="ddpmpp", img_resolution=28, img_channels=1, model_channels=16, channel_mult=(1, 2, 4),
+                       channel_mult_emb=4, num_blocks=2, attn_resolutions=(7,), dropout=0.1),
     "tiny-edm2": NetConfig(arch="edm2", img_resolution=32, img_channels=1, model_channels=16, channel_mult=(1, 2, 2),
                            channel_mult_emb=2, num_blocks=2, attn_resolutions=(8,), dropout=0.1, dropout_res=16,
                            concat_balance=0.5),
-    "small-edm2": NetConfig(arch="edm2", img_resolution=32, img_channels=1, model_channels=24, channel_mult=(1, 2, 4),
-                            channel_mult_emb=4, num_blocks=2, attn_resolutions=(8,), dropout=0.1, dropout_res=16,
+    "small-edm2": NetConfig(arch="edm2", img_resolution=28, img_channels=1, model_channels=16, channel_mult=(1, 2, 4),
+                            channel_mult_emb=4, num_blocks=2, attn_resolutions=(7,), dropout=0.1, dropout_res=16,
                             concat_balance=0.5),
 }

@@ -18,7 +18,7 @@ import torch
 from ..config import RunConfig
 from ..data import open_dataset
 from ..ema import EMA
-from ..model import build_model, sample_images, sampling_boundary
+from ..model import build_model, grid_seeds, sample_images, sampling_boundary
 from ..nets import count_params
 from ..objectives import loss_spec, stage
 from ..precond import Precision, Precond
@@ -180,7 +180,7 @@ def save_sample_grids(run: RunDir, cfg: RunConfig, *, ema_model: Precond, ema: E
     if not is_main:
         return {}
     ema_model.net.load_state_dict(ema.state_dict(0))
-    seeds = torch.arange(64)
+    seeds, cols = grid_seeds(cfg)
     kimg = f"{nimg // 1000:06d}"
     if cfg.objective.kind == "diffusion":
         runs = {"heun": dict(method="heun")}
@@ -191,8 +191,8 @@ def save_sample_grids(run: RunDir, cfg: RunConfig, *, ema_model: Precond, ema: E
     written = {}
     for name, kwargs in runs.items():
         images = to_uint8(sample_images(ema_model, cfg, seeds, device=device, batch=64, **kwargs))
-        save_images(images, run.samples / f"{name}-{kimg}.png")
-        save_images(images, run.root / f"samples-{name}.png")
+        save_images(images, run.samples / f"{name}-{kimg}.png", cols=cols)
+        save_images(images, run.root / f"samples-{name}.png", cols=cols)
         written[name] = run.samples / f"{name}-{kimg}.png"
     return written
 

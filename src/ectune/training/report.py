@@ -44,6 +44,7 @@ class JobProgress:
     def advance(self, kimg: float) -> None:
         """The phase has reached `kimg`."""
         work = self.estimates[self.phase_name] * (kimg - self.phase_done) / max(self.phase_total, 1e-9)
+        work = min(work, self.total - self.done)  # the phases' float sums can overshoot the total by a rounding
         self.done += work
         self.bar.update(work)
         self.phase_done = kimg

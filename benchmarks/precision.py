@@ -110,8 +110,8 @@ def main(argv: list[str] | None = None) -> int:
 
     recipe = get_preset(a.preset, "tune")
     f, cfg = load_f(a, recipe, device)
-    x0, t, eps, keys, labels = draw_rows(a, cfg, recipe, device)
-    keys = dict(dropout_key=keys, class_labels=labels)  # the same per row in every pass
+    x0, t, eps, dropout_keys, labels = draw_rows(a, cfg, recipe, device)
+    per_row = dict(dropout_key=dropout_keys, class_labels=labels)  # the same in every pass
     spec = loss_spec(recipe.objective, data_dim=x0[0].numel(), sigma_data=cfg.precond.sigma_data)
     common = dict(device=describe_hardware(device), model=a.model or f"{a.preset} {a.net or 'preset'} net, random init",
                   preset=a.preset, n=a.n)
@@ -121,15 +121,15 @@ def main(argv: list[str] | None = None) -> int:
     for ratio in ratios:
         r = ratio * t
         with cuda_tf32(False):
-            ref_delta = delta(f, x0, t, r, eps, **keys)
-            ref_grad = loss_gradient(f, x0, t, r, eps, **keys, spec=spec)
+            ref_delta = delta(f, x0, t, r, eps, **per_row)
+            ref_grad = loss_gradient(f, x0, t, r, eps, **per_row, spec=spec)
         default = resolve_precision("auto", device, tf32=False, max_r_over_t=ratio)
         on_cuda = resolve_precision("auto", "cuda", tf32=False, max_r_over_t=ratio)
         noise: dict[Mode, Tensor] = {}  # per forward precision: loss scaling changes only the gradient
         for name in modes:
             mode = MODES[name]
             t1 = time.perf_counter()
-            rec = measure(mode, f, x0, t, r, eps, keys, spec, ref_delta, ref_grad, device, noise)
+            rec = measure(mode, f, x0, t, r, eps, per_row, spec, ref_delta, ref_grad, device, noise)
             if rec is None:
                 continue
             rec["seconds"] = round(time.perf_counter() - t1, 1)
@@ -169,8 +169,8 @@ def draw_rows(a: argparse.Namespace, cfg: RunConfig, recipe: RunConfig,
     return x0, t, eps, torch.arange(a.n, device=device), labels
 
 
-def measure(mode: Mode, f: Precond, x0: Tensor, t: Tensor, r: Tensor, eps: Tensor, keys: dict[str, Tensor | None],
-            spec: LossSpec, ref_delta: Tensor, ref_grad: Tensor, device: torch.device,
+def measure(mode: Mode, f: Precond, x0: Tensor, t: Tensor, r: Tensor, eps: Tensor,
+            per_row: dict[str, Tensor | None], spec: LossSpec, ref_delta: Tensor, ref_grad: Tensor, device: torch.device,
             noise: dict[Mode, Tensor]) -> dict | None:
     """The mode's noise ratio (median, p90) and gradient cosine against the fp32 reference; None if n/a here.
     `noise` caches the per-row noise ratios of each forward precision across calls."""
@@ -181,13 +181,13 @@ def measure(mode: Mode, f: Precond, x0: Tensor, t: Tensor, r: Tensor, eps: Tenso
     forward = replace(mode, loss_scale=False)
     with tf32_mode(mode.tf32 != "off", device, truncate=mode.tf32 == "truncate"):
         if forward not in noise:
-            noise[forward] = delta_noise_ratio(delta(f_mode, x0, t, r, eps, **keys), ref_delta)
+            noise[forward] = delta_noise_ratio(delta(f_mode, x0, t, r, eps, **per_row), ref_delta)
         ratios = noise[forward]
         scale = 2.0**8 if mode.loss_scale else 1.0
-        grad = loss_gradient(f_mode, x0, t, r, eps, **keys, spec=spec, loss_scale=scale)
+        grad = loss_gradient(f_mode, x0, t, r, eps, **per_row, spec=spec, loss_scale=scale)
         while mode.loss_scale and not torch.isfinite(grad).all() and scale > 1:
             scale /= 2  # GradScaler's back-off: a scale that overflows is halved
-            grad = loss_gradient(f_mode, x0, t, r, eps, **keys, spec=spec, loss_scale=scale)
+            grad = loss_gradient(f_mode, x0, t, r, eps, **per_row, spec=spec, loss_scale=scale)
     q = ratios.double().quantile(torch.tensor([0.5, 0.9], dtype=torch.float64, device=ratios.device)).tolist()
     rec = dict(noise_ratio=_sig(q[0]), noise_ratio_p90=_sig(q[1]), grad_cosine=round(cosine(grad, ref_grad), 6),
                grad_finite=bool(torch.isfinite(grad).all()))

@@ -56,7 +56,7 @@ class Plan:
             cfg = get_preset(PRESET, mode)
             scale = kimg / cfg.train.total_kimg
             cfg = replace(cfg, train=replace(cfg.train, total_kimg=kimg),
-                          ema=replace(cfg.ema, halflife_kimg=cfg.ema.halflife_kimg * scale),
+                          ema=replace(cfg.ema, halflife_kimg=round(cfg.ema.halflife_kimg * scale, 6)),
                           runtime=replace(cfg.runtime, status_kimg=_round_kimg(kimg / 12, cfg),
                                           save_kimg=_round_kimg(kimg / 4, cfg), sample_kimg=kimg, threads=self.threads))
             out.append(cfg)
